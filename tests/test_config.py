@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+from cogcore.configs import CONFIG_DIR
+from cogcore.train.config import ConfigError, load_config
+from cogcore.train.distributed import strategy_from_accelerate_file
+from cogcore.train.sft import SFTConfig
+
+RECIPE_CONFIGS = {"sft": SFTConfig}
+
+
+def _config_class(path: Path):
+    kind = path.relative_to(CONFIG_DIR).parts[0]
+    if kind == "distill":
+        from cogcore.distill.recipe import DistillConfig
+        return DistillConfig
+    return RECIPE_CONFIGS[kind]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_shipped_yaml_loads(path):
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# ") and ("cogcore" in header or "accelerate" in header), \
+        f"{path.name}: first line must be the launch command"
+    if path.parent.name == "accelerate":
+        assert strategy_from_accelerate_file(path) == path.stem
+    else:
+        cfg = load_config(_config_class(path), path)
+        assert cfg.train.max_steps >= 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(SFTConfig, None, ["train.lr=1e-3", "train.max_steps=7", "data.packing=false",
+                                        "lora.target_modules=[q_proj,v_proj]", "model.source=tiny-llama"])
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.data.packing is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_names_the_key_and_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*Did you mean 'train.lr'"):
+        load_config(SFTConfig, None, ["train.lrr=1"])
+
+
+def test_bad_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"train.precision: got 'fp8', allowed values are 'auto', 'fp32', 'bf16'"):
+        load_config(SFTConfig, None, ["train.precision=fp8"])
+
+
+def test_bad_type_and_cross_field_validation():
+    with pytest.raises(ConfigError, match="train.max_steps: got 'many', expected an integer"):
+        load_config(SFTConfig, None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="data.eval_documents=50 leaves nothing to train on"):
+        load_config(SFTConfig, None, ["data.max_documents=10", "data.eval_documents=50"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, bad)

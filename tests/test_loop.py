@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+from cogcore.train.config import CogcoreError
+from cogcore.train.data import DataConfig, Document, load_documents, pack
+from cogcore.train.distributed import DistInfo
+from cogcore.train.lm import CausalLMLoss
+from cogcore.train.loop import TrainConfig, lr_lambda, train
+from cogcore.train.model import load_model, load_tokenizer
+from cogcore.train.sft import LoraConfig, add_lora
+
+
+@pytest.fixture(scope="module")
+def rows():
+    tok = load_tokenizer("tiny-llama")
+    docs, _ = load_documents(DataConfig(source="builtin:arithmetic", builtin_size=300), tok)
+    return pack(docs, 64, tok.pad_token_id)
+
+
+def cfg(**kw):
+    base = dict(max_steps=12, micro_batch=4, lr=3e-3, warmup_steps=2, progress=False, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_and_metrics_are_written(rows, tmp_path):
+    model = load_model("tiny-llama")
+    res = train(CausalLMLoss(model), rows, cfg(max_steps=30), tmp_path, DistInfo())
+    assert res.losses[-1] < res.losses[0] - 1.0
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 31))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(lines[0])
+
+
+def test_accumulation_equals_one_big_batch(rows, tmp_path):
+    a = load_model("tiny-llama")
+    b = load_model("tiny-llama")
+    ra = train(CausalLMLoss(a), rows, cfg(max_steps=3, micro_batch=8, grad_accum=1), tmp_path / "a", DistInfo())
+    rb = train(CausalLMLoss(b), rows, cfg(max_steps=3, micro_batch=2, grad_accum=4), tmp_path / "b", DistInfo())
+    assert ra.losses == pytest.approx(rb.losses, abs=1e-5)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_loss_is_normalised_by_tokens_not_by_micro_batch(tmp_path):
+    """A micro-batch with 1 trained token must not count as much as one with 60."""
+    torch.manual_seed(0)
+    short = Document([5, 6], [0, 1])
+    long = Document(torch.randint(0, 256, (61,)).tolist(), [0] + [1] * 60)
+    rows = pack([short, long], 64, 0, packing=False)
+    model = load_model("tiny-llama")
+    lm = CausalLMLoss(model)
+    with torch.no_grad():
+        from cogcore.train.data import make_batch
+        per = [lm(make_batch(rows, torch.tensor([i]))) for i in range(2)]
+    expected = float(sum(o["loss_sum"] for o in per) / sum(o["weight"] for o in per))
+    res = train(lm, rows, cfg(max_steps=1, micro_batch=1, grad_accum=2, lr=1e-9, warmup_steps=0), tmp_path, DistInfo())
+    assert res.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_lora_trains_adapter_and_leaves_base_untouched(rows, tmp_path):
+    model = add_lora(load_model("tiny-llama"), LoraConfig(r=4, alpha=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(CausalLMLoss(model), rows, cfg(max_steps=5), tmp_path, DistInfo())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_resume_is_exact(rows, tmp_path):
+    full = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=10, save_every=3), tmp_path / "full", DistInfo())
+    part = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=10, save_every=3), tmp_path / "cut",
+                 DistInfo(), stop_after=7)  # checkpoints at 3 and 6, then "dies" after step 7
+    assert part.steps == 7
+    rest = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=10, save_every=3), tmp_path / "cut", DistInfo())
+    assert rest.resumed_from == 6
+    assert rest.losses == pytest.approx(full.losses[6:], abs=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # the step logged after the checkpoint is not duplicated
+
+
+def test_resume_refuses_another_base_model(rows, tmp_path):
+    train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=2), tmp_path, DistInfo(), base_hash="a" * 64)
+    with pytest.raises(CogcoreError, match="was made for base model aaaaaaaaaaaa"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4), tmp_path, DistInfo(), base_hash="b" * 64)
+
+
+def test_corrupt_checkpoint_is_explained(rows, tmp_path):
+    train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=2), tmp_path, DistInfo())
+    ckpt = next((tmp_path / "checkpoints").glob("step-*"))
+    (ckpt / "trainable.pt").write_bytes(b"garbage")
+    with pytest.raises(CogcoreError, match="unreadable.*delete that folder"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4), tmp_path, DistInfo())
+
+
+def test_too_little_data_is_explained(tmp_path):
+    rows = pack([Document([1, 2, 3], [0, 1, 1])], 16, 0)
+    with pytest.raises(CogcoreError, match="one step needs 4"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(), tmp_path, DistInfo())
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    c = cfg(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(c)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.55)

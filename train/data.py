@@ -1,0 +1,323 @@
+"""Training data: records → token documents with per-token loss weights → packed rows → batches.
+
+Record formats (JSONL, JSON list, Parquet, or plain .txt with one document per blank-line
+separated block), detected per record:
+  * ``{"text": ...}``                       every token is trained on (weight 1);
+  * ``{"prompt": ..., "completion": ...}``  only completion tokens are trained on;
+  * ``{"messages": [{"role", "content"}]}`` only assistant turns (chat template applied);
+  * ``{"segments": [{"text", "weight"}]}``  explicit per-segment loss weights — how the
+    experience log marks policy tokens and world-model tokens with different weights.
+
+A *document* is ``input_ids`` plus ``weights`` aligned with it: ``weights[i]`` is the loss
+weight of predicting ``input_ids[i]`` from the tokens before it (``weights[0]`` is always 0).
+
+Packing concatenates documents into rows of ``seq_len`` tokens. Position ids restart at each
+document and the attention mask is block-diagonal, so no token sees another document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+
+from .config import CogcoreError, field
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class DataConfig:
+    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic")
+    seq_len: int = field(256, help="tokens per packed row")
+    packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
+    train_on: Literal["completion", "all"] = field(
+        "completion", help="for prompt/completion and chat records: train on completions only, or on every token")
+    max_documents: int = field(0, help="use at most this many documents (0 = all)")
+    eval_documents: int = field(0, help="hold out this many documents for evaluation (0 = none)")
+    builtin_size: int = field(2000, help="number of documents a builtin: source generates")
+    seed: int = field(0, help="seed for builtin generation and the held-out split")
+
+    def __post_init__(self):
+        if self.seq_len < 8:
+            raise ValueError(f"data.seq_len={self.seq_len} is too short; use at least 8 tokens")
+        if self.eval_documents < 0 or self.max_documents < 0:
+            raise ValueError("data.max_documents and data.eval_documents must be >= 0")
+        if self.max_documents and self.eval_documents >= self.max_documents:
+            raise ValueError(f"data.eval_documents={self.eval_documents} leaves nothing to train on with "
+                             f"data.max_documents={self.max_documents}; hold out fewer documents")
+
+
+@dataclass
+class Document:
+    input_ids: list[int]
+    weights: list[float]
+
+
+# ----------------------------------------------------------------------------- records
+
+def builtin_records(name: str, n: int, seed: int) -> list[dict]:
+    """Small generated datasets so that everything runs with no files and no network."""
+    rng = random.Random(seed)
+    out = []
+    if name in ("arithmetic", "chat-arithmetic"):
+        for _ in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            op = rng.choice(["+", "-"])
+            c = a + b if op == "+" else a - b
+            q = f"What is {a} {op} {b}?"
+            ans = f"{a} {op} {b} = {c}."
+            if name == "arithmetic":
+                out.append({"prompt": q + " ", "completion": ans})
+            else:
+                out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+        return out
+    raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic")
+
+
+def read_records(source: str, builtin_size: int = 2000, seed: int = 0) -> list[dict]:
+    if source.startswith(BUILTIN_PREFIX):
+        return builtin_records(source[len(BUILTIN_PREFIX):], builtin_size, seed)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CogcoreError(f"data file {path} does not exist; set data.source to a .jsonl, .json, .parquet or .txt file "
+                           "or to builtin:arithmetic")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CogcoreError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+    elif path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CogcoreError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(records, list):
+            raise CogcoreError(f"{path} must hold a JSON list of records")
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        records = pq.read_table(path).to_pylist()
+    elif path.suffix == ".txt":
+        records = [{"text": block.strip()} for block in path.read_text().split("\n\n") if block.strip()]
+    else:
+        raise CogcoreError(f"{path}: unsupported data file type '{path.suffix}'; use .jsonl, .json, .parquet or .txt")
+    if not records:
+        raise CogcoreError(f"{path} holds no records")
+    return records
+
+
+def record_segments(rec: dict, tokenizer, train_on: str, where: str) -> list[tuple[str, float]]:
+    """Turn one record into (text, weight) segments."""
+    if not isinstance(rec, dict):
+        raise CogcoreError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    prompt_w = 1.0 if train_on == "all" else 0.0
+    if "segments" in rec:
+        segs = []
+        for s in rec["segments"]:
+            if not isinstance(s, dict) or "text" not in s:
+                raise CogcoreError(f"{where}: each segment needs a 'text' (and optional 'weight')")
+            w = float(s.get("weight", 1.0))
+            if not math.isfinite(w) or w < 0:
+                raise CogcoreError(f"{where}: segment weight {s.get('weight')!r} must be a finite number >= 0")
+            segs.append((str(s["text"]), w))
+        return segs
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise CogcoreError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        segs, prev = [], ""
+        for i, m in enumerate(msgs):
+            text = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+            if not text.startswith(prev):  # template rewrites earlier turns; fall back to whole text
+                return [(tokenizer.apply_chat_template(msgs, tokenize=False), 1.0)]
+            segs.append((text[len(prev):], 1.0 if m["role"] == "assistant" else prompt_w))
+            prev = text
+        return segs
+    if "prompt" in rec and "completion" in rec:
+        return [(str(rec["prompt"]), prompt_w), (str(rec["completion"]), 1.0)]
+    if "text" in rec:
+        return [(str(rec["text"]), 1.0)]
+    raise CogcoreError(f"{where}: record has none of the keys text / prompt+completion / messages / segments "
+                       f"(it has: {', '.join(rec) or 'nothing'})")
+
+
+def tokenize_record(rec: dict, tokenizer, train_on: str = "completion", where: str = "record",
+                    add_eos: bool = True) -> Document:
+    ids: list[int] = []
+    weights: list[float] = []
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+        ids.append(bos)
+        weights.append(0.0)
+    for text, w in record_segments(rec, tokenizer, train_on, where):
+        toks = tokenizer(text, add_special_tokens=False).input_ids
+        ids.extend(toks)
+        weights.extend([w] * len(toks))
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        weights.append(weights[-1] if weights else 1.0)
+    if weights:
+        weights[0] = 0.0  # the first token has no prefix to be predicted from
+    return Document(ids, weights)
+
+
+def load_documents(cfg: DataConfig, tokenizer) -> tuple[list[Document], list[Document]]:
+    """Read, tokenize and split into (train, held-out) documents."""
+    records = read_records(cfg.source, cfg.builtin_size, cfg.seed)
+    docs = [tokenize_record(r, tokenizer, cfg.train_on, where=f"{cfg.source} record {i}") for i, r in enumerate(records)]
+    docs = [d for d in docs if len(d.input_ids) >= 2 and sum(d.weights) > 0]
+    if cfg.max_documents:
+        docs = docs[: cfg.max_documents]
+    rng = random.Random(cfg.seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    held = [docs[i] for i in order[: cfg.eval_documents]]
+    train = [docs[i] for i in order[cfg.eval_documents:]]
+    if not train:
+        raise CogcoreError(f"{cfg.source}: no training documents left (found {len(docs)} usable, "
+                           f"{cfg.eval_documents} held out); add data or lower data.eval_documents")
+    return train, held
+
+
+# ----------------------------------------------------------------------------- packing
+
+@dataclass
+class PackedRows:
+    """Fixed-length rows. ``doc_ids`` is -1 on padding; targets are next tokens within a document."""
+
+    input_ids: torch.Tensor      # (N, T) long
+    position_ids: torch.Tensor   # (N, T) long, restart at 0 for each document
+    doc_ids: torch.Tensor        # (N, T) long, document index within the row, -1 = padding
+    target_ids: torch.Tensor     # (N, T) long, token t+1 of the same document (pad elsewhere)
+    target_weights: torch.Tensor  # (N, T) float, loss weight of target_ids (0 across documents / padding)
+    padding_fraction: float       # share of row slots that are padding
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def trained_tokens(self) -> float:
+        return float((self.target_weights > 0).sum())
+
+
+def _split_long(doc: Document, seq_len: int) -> list[Document]:
+    if len(doc.input_ids) <= seq_len:
+        return [doc]
+    pieces = []
+    for s in range(0, len(doc.input_ids), seq_len):
+        ids, w = doc.input_ids[s:s + seq_len], list(doc.weights[s:s + seq_len])
+        w[0] = 0.0
+        if len(ids) >= 2:
+            pieces.append(Document(ids, w))
+    return pieces
+
+
+def pack(docs: Iterable[Document], seq_len: int, pad_id: int, packing: bool = True) -> PackedRows:
+    """Pack documents into rows (first-fit in order; documents longer than a row are split)."""
+    pieces = [p for d in docs for p in _split_long(d, seq_len)]
+    rows: list[list[Document]] = []
+    if packing:
+        space: list[int] = []
+        for p in pieces:
+            n = len(p.input_ids)
+            # first-fit over the last few open rows keeps packing O(N) and waste low
+            for r in range(max(0, len(rows) - 8), len(rows)):
+                if space[r] >= n:
+                    rows[r].append(p)
+                    space[r] -= n
+                    break
+            else:
+                rows.append([p])
+                space.append(seq_len - n)
+    else:
+        rows = [[p] for p in pieces]
+    N = len(rows)
+    input_ids = torch.full((N, seq_len), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((N, seq_len), dtype=torch.long)
+    doc_ids = torch.full((N, seq_len), -1, dtype=torch.long)
+    target_ids = torch.full((N, seq_len), pad_id, dtype=torch.long)
+    target_weights = torch.zeros((N, seq_len), dtype=torch.float32)
+    used = 0
+    for r, row in enumerate(rows):
+        off = 0
+        for d, p in enumerate(row):
+            n = len(p.input_ids)
+            ids = torch.tensor(p.input_ids)
+            input_ids[r, off:off + n] = ids
+            position_ids[r, off:off + n] = torch.arange(n)
+            doc_ids[r, off:off + n] = d
+            target_ids[r, off:off + n - 1] = ids[1:]
+            target_weights[r, off:off + n - 1] = torch.tensor(p.weights[1:], dtype=torch.float32)
+            off += n
+        used += off
+    padding = 1.0 - used / max(1, N * seq_len)
+    return PackedRows(input_ids, position_ids, doc_ids, target_ids, target_weights, padding)
+
+
+def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal within a document, nothing across documents.
+
+    Padding positions attend to themselves only, so no softmax row is empty (an empty row
+    gives NaN, and NaN times a zero loss weight is still NaN).
+    """
+    B, T = doc_ids.shape
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    return ((same & causal) | eye)[:, None]
+
+
+def make_batch(rows: PackedRows, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    doc_ids = rows.doc_ids[index]
+    return {
+        "input_ids": rows.input_ids[index],
+        "position_ids": rows.position_ids[index],
+        "attention_mask": attention_mask(doc_ids),
+        "target_ids": rows.target_ids[index],
+        "target_weights": rows.target_weights[index],
+    }
+
+
+class BatchPlan:
+    """Which rows each rank uses at each micro-step: a pure function of (seed, step).
+
+    Resuming at step s needs no iterator state — the data position *is* the step. The
+    global batch of a step is the same whatever the number of ranks, so 1 process with
+    accumulation 2 and 2 processes with accumulation 1 see the same rows.
+    """
+
+    def __init__(self, n_rows: int, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+        self.n_rows, self.micro, self.accum, self.world, self.seed = n_rows, micro_batch, grad_accum, world_size, seed
+        self.global_batch = micro_batch * grad_accum * world_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n_rows, generator=g)}
+        return self._perms[epoch]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.n_rows
+
+    def micro_batches(self, step: int, rank: int) -> list[torch.Tensor]:
+        """Row indices for each of this rank's micro-batches at optimizer step ``step``."""
+        out = []
+        for a in range(self.accum):
+            start = step * self.global_batch + a * self.micro * self.world + rank * self.micro
+            g = torch.arange(start, start + self.micro)
+            idx = torch.stack([self._perm(int(i) // self.n_rows)[int(i) % self.n_rows] for i in g])
+            out.append(idx)
+        return out
+
+    def all_micro_batches(self, step: int) -> list[list[torch.Tensor]]:
+        return [self.micro_batches(step, r) for r in range(self.world)]
