@@ -22,31 +22,61 @@ class Command:
     main: Callable[[argparse.Namespace, list[str]], int]
     config: Callable[[], type] | None = None   # recipe config class, for --help and validation
     distributed: bool = False                  # accepts --nproc / --dist
+    model_flag: bool = False                   # accepts --model (= model.source)
 
 
-def _recipe(run_name: str) -> Callable[[argparse.Namespace, list[str]], int]:
-    """Load the config (YAML + overrides), then run the recipe, possibly in N processes."""
+def _recipe(module_name: str, actions: dict[str, str] | None = None) -> Callable[[argparse.Namespace, list[str]], int]:
+    """Load the config (YAML + overrides), then run the recipe, possibly in N processes.
+
+    ``actions`` maps an optional first word (``cogcore distill cache``) to another function
+    of the recipe module taking the same config.
+    """
+    actions = actions if actions is not None else {"": "run"}
 
     def main(args: argparse.Namespace, overrides: list[str]) -> int:
-        from cogcore.train.config import load_config
+        from cogcore.train.config import ConfigError, load_config
+        action = ""
+        if overrides and "=" not in overrides[0]:
+            action = overrides.pop(0)
+        if action not in actions:
+            named = ", ".join(a for a in actions if a)
+            raise ConfigError(f"'{action}' is neither key=value nor one of: {named}" if action else
+                              f"say what to run: cogcore {args.command} {{{named}}}")
+        # --model / --out are short for the config keys model.source / out
+        if getattr(args, "model", None):
+            overrides.insert(0, f"model.source={args.model}")
+        if getattr(args, "out", None):
+            overrides.insert(0, f"out={args.out}")
         cfg_cls = COMMANDS[args.command].config()
         cfg = load_config(cfg_cls, args.config, overrides)  # validate before launching anything
         if getattr(args, "nproc", 1) > 1:
             from cogcore.train.distributed import launch
-            argv = [a for a in sys.argv[1:] if a not in ("--nproc", str(args.nproc), "--dist", args.dist)
-                    and not a.startswith(("--nproc=", "--dist="))]
-            return launch(argv, args.nproc, args.dist)
-        module = __import__(run_name, fromlist=["run"])
-        module.run(cfg)
+            return launch(_without_launch_flags(args.argv), args.nproc, args.dist)
+        module = __import__(module_name, fromlist=["run"])
+        getattr(module, actions[action])(cfg)
         return 0
 
     return main
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """argv minus --nproc/--dist (the children run the same command in one process each)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--dist"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--dist=")):
+            out.append(a)
+    return out
 
 
 def _info(args: argparse.Namespace, rest: list[str]) -> int:
     import platform
 
     import torch
+
     from cogcore import __version__
     from cogcore.train.model import EMBEDDED_DEFAULT, TINY_PRESETS
     from cogcore.train.workspace import get_workspace
@@ -61,11 +91,34 @@ def _info(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    """`cogcore bench <name> [flags]`: run a benchmark script's main with the remaining flags."""
+    from cogcore.train.config import ConfigError
+    scripts = {"kernels": "cogcore.bench.bench_kernels", "distill": "cogcore.bench.bench_distill"}
+    if not rest or rest[0] not in scripts:
+        raise ConfigError(f"say which benchmark: cogcore bench {{{', '.join(scripts)}}} [--help for its flags]")
+    module = __import__(scripts[rest[0]], fromlist=["main"])
+    return module.main(rest[1:])
+
+
 COMMANDS: dict[str, Command] = {
     "info": Command("show the workspace, devices and available models", _info),
     "sft": Command("supervised fine-tuning / continued pretraining (full or LoRA) on the one training loop",
                    _recipe("cogcore.train.sft"), lambda: __import__("cogcore.train.sft", fromlist=["x"]).SFTConfig,
                    distributed=True),
+    "distill": Command("distill a student from a teacher; `distill cache` stores teacher top-k, `distill prune` "
+                       "only builds the pruned student",
+                       _recipe("cogcore.distill.recipe", {"": "run", "cache": "run_cache", "prune": "run_prune"}),
+                       lambda: __import__("cogcore.distill.recipe", fromlist=["x"]).DistillConfig, distributed=True),
+    "bench": Command("benchmarks side by side with peers: `bench kernels` (lean loss, multi-LoRA vs Liger / "
+                     "a loop), `bench distill` (vs TRL GKDTrainer)", _bench),
+    "experiment": Command("end-to-end experiments: `experiment cognitive-core` (teacher vs plain KD vs knowledge-"
+                          "shedding student on a synthetic world)",
+                          _recipe("cogcore.distill.cognitive_core", {"cognitive-core": "run"}),
+                          lambda: __import__("cogcore.distill.cognitive_core", fromlist=["x"]).ExperimentConfig),
+    "eval": Command("evaluate a model: `eval core` = recall vs context use (real-world probes, synthetic world)",
+                    _recipe("cogcore.eval.core", {"core": "run"}),
+                    lambda: __import__("cogcore.eval.core", fromlist=["x"]).EvalConfig, model_flag=True),
 }
 
 
@@ -93,6 +146,9 @@ def build_parser(with_config_help: str | None = None) -> argparse.ArgumentParser
         if cmd.config:
             p.add_argument("--config", help="YAML config file (see configs/)")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+            p.add_argument("--out", help="output / run directory (the config key `out`)")
+            if cmd.model_flag:
+                p.add_argument("--model", help="the model (the config key `model.source`)")
         if cmd.distributed:
             p.add_argument("--nproc", type=int, default=1, help="number of processes (torch.distributed.run)")
             p.add_argument("--dist", default="ddp",
@@ -104,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only build the (slow-to-import) config help for the subcommand asking for --help.
     wants = next((a for a in argv if a in COMMANDS), None) if ("-h" in argv or "--help" in argv) else None
+    if wants == "bench" and argv.index("bench") + 1 < len(argv) and argv[argv.index("bench") + 1] in ("kernels", "distill"):
+        i = argv.index("bench")
+        return COMMANDS["bench"].main(argparse.Namespace(command="bench"), argv[i + 1:])
     parser = build_parser(wants)
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    args.argv = argv
     if args.home:
         from cogcore.train.workspace import set_home
         set_home(args.home)

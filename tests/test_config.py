@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
+
 from cogcore.configs import CONFIG_DIR
-from cogcore.train.config import ConfigError, load_config
+from cogcore.train.config import ConfigError, load_config, to_dict
 from cogcore.train.distributed import strategy_from_accelerate_file
 from cogcore.train.sft import SFTConfig
 
@@ -14,6 +16,9 @@ def _config_class(path: Path):
     if kind == "distill":
         from cogcore.distill.recipe import DistillConfig
         return DistillConfig
+    if kind == "experiment":
+        from cogcore.distill.cognitive_core import ExperimentConfig
+        return ExperimentConfig
     return RECIPE_CONFIGS[kind]
 
 
@@ -26,7 +31,10 @@ def test_every_shipped_yaml_loads(path):
         assert strategy_from_accelerate_file(path) == path.stem
     else:
         cfg = load_config(_config_class(path), path)
-        assert cfg.train.max_steps >= 1
+        data, loaded = yaml.safe_load(path.read_text()), to_dict(cfg)
+        for key, value in data.items():  # every key in the file reached the config
+            if not isinstance(value, dict):
+                assert loaded[key] == value, key
 
 
 def test_overrides_are_typed_and_nested():

@@ -109,8 +109,9 @@ def test_packed_forward_equals_separate_documents():
 
 
 def test_attention_mask_blocks_across_documents():
-    m = attention_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
+    m = attention_mask(torch.tensor([[0, 0, 1, 1, -1, -1]]))[0, 0]
     assert m[1, 0] and not m[2, 1] and m[3, 2] and not m[0, 1] and m[4, 4] and not m[4, 3]
+    assert m[5, 5] and not m[5, 4]  # padding sees only itself, not earlier padding
 
 
 def test_batch_plan_is_a_function_of_step_and_splits_ranks():

@@ -33,7 +33,7 @@ BUILTIN_PREFIX = "builtin:"
 
 @dataclass
 class DataConfig:
-    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic")
+    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / builtin:stdlib-docs")
     seq_len: int = field(256, help="tokens per packed row")
     packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
     train_on: Literal["completion", "all"] = field(
@@ -77,7 +77,36 @@ def builtin_records(name: str, n: int, seed: int) -> list[dict]:
             else:
                 out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
         return out
-    raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic")
+    if name == "stdlib-docs":
+        docs = _stdlib_docstrings()
+        rng.shuffle(docs)
+        return [{"text": d} for d in docs[:n]]
+    raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic, "
+                       "builtin:stdlib-docs")
+
+
+def _stdlib_docstrings(min_chars: int = 300) -> list[str]:
+    """Real English prose that every Python install has: docstrings of standard-library modules."""
+    import importlib
+    import inspect
+    names = ["argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
+             "datetime", "decimal", "difflib", "email", "fractions", "functools", "heapq", "http.client",
+             "inspect", "io", "itertools", "json", "logging", "multiprocessing", "os", "pathlib", "pickle",
+             "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
+             "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile"]
+    seen, out = set(), []
+    for mod_name in names:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in objs:
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            if doc and len(doc) >= min_chars and doc not in seen:
+                seen.add(doc)
+                out.append(doc)
+    return sorted(out)
 
 
 def read_records(source: str, builtin_size: int = 2000, seed: int = 0) -> list[dict]:
@@ -270,7 +299,8 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     gives NaN, and NaN times a zero loss weight is still NaN).
     """
     B, T = doc_ids.shape
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    real = doc_ids >= 0
+    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & real[:, :, None]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
     return ((same & causal) | eye)[:, None]
@@ -279,6 +309,7 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 def make_batch(rows: PackedRows, index: torch.Tensor) -> dict[str, torch.Tensor]:
     doc_ids = rows.doc_ids[index]
     return {
+        "row_index": index,
         "input_ids": rows.input_ids[index],
         "position_ids": rows.position_ids[index],
         "attention_mask": attention_mask(doc_ids),

@@ -30,11 +30,7 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, batch: dict) -> dict:
-        try:
-            from ..kernels import linear_cross_entropy
-        except ImportError:  # TEMP until kernels/ lands
-            def linear_cross_entropy(h, w, t, wt, chunk_size=0):
-                return (torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="none") * wt).sum()
+        from ..kernels import linear_cross_entropy
         hidden = decoder_hidden(self.model, batch)
         H = hidden.shape[-1]
         weights = batch["target_weights"].reshape(-1)

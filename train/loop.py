@@ -169,7 +169,7 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate(module: nn.Module, rows: PackedRows, micro_batch: int, di: DistInfo,
-             prepare_batch: Callable[[dict], dict] | None = None, amp: torch.dtype | None = None) -> float:
+             prepare_batch: Callable[[dict, int | None], dict] | None = None, amp: torch.dtype | None = None) -> float:
     """Token-weighted mean loss over held-out rows (rows split across ranks)."""
     was_training = module.training
     module.eval()
@@ -179,7 +179,7 @@ def evaluate(module: nn.Module, rows: PackedRows, micro_batch: int, di: DistInfo
     for s in range(0, len(idx), micro_batch):
         batch = _to(make_batch(rows, idx[s:s + micro_batch]), di.device)
         if prepare_batch is not None:
-            batch = prepare_batch(batch)
+            batch = prepare_batch(batch, None)
         with torch.autocast(di.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = module(batch)
         loss_sum += out["loss_sum"].double().cpu()
@@ -197,15 +197,15 @@ def train(
     di: DistInfo,
     *,
     eval_rows: PackedRows | None = None,
-    prepare_batch: Callable[[dict], dict] | None = None,
+    prepare_batch: Callable[[dict, int | None], dict] | None = None,
     base_hash: str | None = None,
     run_config: dict | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``module`` on ``rows``; resumable, multi-process aware. See the module docstring.
 
-    ``prepare_batch`` runs on every micro-batch before the forward pass (e.g. to attach a
-    teacher's outputs). ``stop_after`` ends the run early after that many steps (tests).
+    ``prepare_batch(batch, step)`` runs on every micro-batch before the forward pass (e.g. to
+    attach a teacher's outputs); ``step`` is None during evaluation. ``stop_after`` ends the run early after that many steps (tests).
     """
     run_dir = Path(run_dir)
     if di.is_main:
@@ -266,7 +266,9 @@ def train(
     model.train()
     for step in range(start_step, last_step):
         t_step = time.time()
-        micro = [make_batch(rows, idx) for idx in plan.micro_batches(step, di.rank)]
+        micro = [_to(make_batch(rows, idx), di.device) for idx in plan.micro_batches(step, di.rank)]
+        if prepare_batch is not None:  # e.g. attach teacher outputs, or swap in on-policy samples
+            micro = [prepare_batch(b, step) for b in micro]
         # Normalise by the step's true token weight over every micro-batch on every rank, so
         # a long document counts as much under accumulation / sharding as in one big batch.
         local_w = sum(float(b["target_weights"].sum()) for b in micro)
@@ -277,9 +279,6 @@ def train(
         step_loss = torch.zeros((), dtype=torch.float64)
         extra: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            batch = _to(batch, di.device)
-            if prepare_batch is not None:
-                batch = prepare_batch(batch)
             sync = i == len(micro) - 1
             ctx = model.no_sync() if (di.strategy == "ddp" and not sync) else _null()
             if di.strategy == "fsdp2":

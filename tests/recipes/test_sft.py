@@ -6,10 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
 from cogcore.train.model import base_hash
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[2]
 
 ARGS = ["sft", "--config", "configs/sft/tiny.yaml", "train.max_steps=40", "train.save_every=5",
         "train.progress=false", "data.builtin_size=400"]

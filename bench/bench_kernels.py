@@ -1,0 +1,545 @@
+"""Kernel benchmarks, side by side in one run.
+
+  python bench/bench_kernels.py [--quick] [--device cpu|cuda] [--out bench/results/kernels_cpu.json]
+
+(a) linear JSD (beta 0.5) over the lm_head, fwd+bwd: the lean chunked path vs the naive
+    full-logits path vs Liger's LigerFusedLinearJSDLoss (and, on CUDA, our Triton chunk math
+    and Liger's Triton LigerFusedLinearJSD). Peak memory and median time.
+(b) gathered LoRA, 16 adapters x 32 rows, d=576, r=16: vectorised ("torch", and "triton" on
+    CUDA) vs the Python loop over adapters, forward and fwd+bwd, with equality checks.
+(c) CUDA only: RMSNorm / SwiGLU (reference, triton, liger) and our loss-chunk kernel, as
+    achieved GB/s against a measured device-to-device copy peak.
+
+Peak memory: each linear-loss variant runs in a fresh subprocess. On CPU the peak is the
+resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs right before the measured
+step) minus the resident set just before it: it sees every byte torch allocates, which
+tracemalloc does not. Where clear_refs cannot be written, ru_maxrss is used (the fresh
+process's inputs are built first, so the delta is still the step's). On CUDA:
+torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the allocation before.
+Time: the median of --repeats fwd+bwd steps after the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # (a): tokens N, student/teacher hidden H, vocab V, chunk
+    "cpu": dict(N=4096, H=576, V=49152, chunk=1024, dtype="float32"),
+    "cpu_quick": dict(N=512, H=64, V=4096, chunk=128, dtype="float32"),
+    "cuda": dict(N=4096, H=2048, V=128256, chunk=1024, dtype="bfloat16"),
+    "cuda_quick": dict(N=1024, H=576, V=32768, chunk=512, dtype="bfloat16"),
+}
+LORA = dict(n_adapters=16, rows_per_adapter=32, d=576, r=16)
+TARGETS = {"lean_memory_vs_naive": 0.25, "lean_time_vs_naive": 1.3, "lora_speedup_vs_loop": 4.0}
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Peak extra memory of a block, in MiB (see the module docstring for the method)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.method = None
+        self.mib = None
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = _rss_kb("VmRSS")
+            self.method = "VmHWM after clear_refs, minus VmRSS before (fresh process)"
+        except OSError:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.method = "ru_maxrss delta (fresh process)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        elif self.method.startswith("VmHWM"):
+            self.mib = (_rss_kb("VmHWM") - self.base) / 1024
+        else:
+            self.mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, device: str) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+# ---------------------------------------------------------------- (a) linear JSD, one variant per process
+
+
+def _linear_step(variant: str, shape: dict, device: str):
+    from cogcore.kernels import TeacherDense, distill_loss_from_logits, linear_distill_loss
+
+    dtype = getattr(torch, shape["dtype"])
+    N, H, V, chunk = shape["N"], shape["H"], shape["V"], shape["chunk"]
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, H, device=device, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=device, generator=g) * H**-0.5).to(dtype).requires_grad_()
+    t_hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
+    t_weight = (torch.randn(V, H, device=device, generator=g) * H**-0.5).to(dtype)
+    weights = torch.ones(N, device=device)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+
+    if variant == "naive":
+
+        def loss_fn():
+            logits = hidden @ weight.T  # (N, V) and every intermediate of the loss kept for backward
+            with torch.no_grad():
+                t_logits = t_hidden @ t_weight.T
+            return (distill_loss_from_logits(logits, t_logits, loss="jsd", beta=0.5) * weights).sum() / N
+    elif variant in ("chunked", "triton"):
+
+        def loss_fn():
+            return (
+                linear_distill_loss(
+                    hidden,
+                    weight,
+                    TeacherDense(t_hidden, t_weight),
+                    weights,
+                    loss="jsd",
+                    beta=0.5,
+                    chunk_size=chunk,
+                    impl=variant,
+                )
+                / N
+            )
+    elif variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # compiled=False: torch.compile of its chunk step needs an inductor build (C++ on CPU),
+        # which takes longer than the whole GPU check may run; this is Liger's eager chunked path
+        module = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False, chunk_size=chunk
+        )
+
+        def loss_fn():
+            return module(hidden, weight, t_hidden, t_weight, labels)
+    elif variant == "liger_fused":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        module = LigerFusedLinearJSD(jsd_beta=0.5)
+
+        def loss_fn():
+            return module(hidden, weight, t_hidden, t_weight)
+    else:
+        raise ValueError(variant)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return step, (hidden, weight)
+
+
+def run_linear_variant(variant: str, shape: dict, device: str, repeats: int) -> dict:
+    """Runs in its own process: the first step is measured for memory, the next for time."""
+    torch.manual_seed(0)
+    step, (hidden, weight) = _linear_step(variant, shape, device)
+    with PeakMemory(device) as peak:
+        loss = step()
+    first = {
+        "loss_per_token": float(loss.detach()),
+        "grad_hidden_norm": float(hidden.grad.float().norm()),
+        "grad_weight_norm": float(weight.grad.float().norm()),
+    }
+    median, times = _median_time(step, repeats, device)
+    return {
+        "peak_mib": round(peak.mib, 1),
+        "memory_method": peak.method,
+        "time_s": round(median, 4),
+        "times_s": [round(t, 4) for t in times],
+        **first,
+    }
+
+
+def bench_linear(device: str, quick: bool, repeats: int, progress) -> dict:
+    shape = SHAPES[f"{device}_quick" if quick else device]
+    variants = ["naive", "chunked", "liger"] + (["triton", "liger_fused"] if device == "cuda" else [])
+    results = {}
+    for variant in variants:
+        progress(f"(a) linear JSD {variant} N={shape['N']} H={shape['H']} V={shape['V']} {shape['dtype']}")
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_linear-variant",
+            variant,
+            "--device",
+            device,
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(torch.get_num_threads()),
+        ] + (["--quick"] if quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            results[variant] = {"error": (proc.stderr or proc.stdout)[-1500:]}
+            continue
+        results[variant] = json.loads(lines[-1])
+    out = {"shape": shape, "loss": "generalized JSD, beta=0.5, T=1", "variants": results, "ratios": {}}
+    naive = results.get("naive", {})
+    for name, r in results.items():
+        if name != "naive" and "peak_mib" in r and "peak_mib" in naive:
+            out["ratios"][f"{name}_vs_naive"] = {
+                "memory": round(r["peak_mib"] / naive["peak_mib"], 3),
+                "time": round(r["time_s"] / naive["time_s"], 3),
+                "loss_rel_diff": abs(r["loss_per_token"] / naive["loss_per_token"] - 1),
+            }
+    lean = out["ratios"].get("chunked_vs_naive")
+    if lean:
+        out["targets"] = {
+            f"memory <= {TARGETS['lean_memory_vs_naive']} x naive": lean["memory"]
+            <= TARGETS["lean_memory_vs_naive"],
+            f"time <= {TARGETS['lean_time_vs_naive']} x naive": lean["time"] <= TARGETS["lean_time_vs_naive"],
+        }
+    return out
+
+
+# ---------------------------------------------------------------- (b) gathered LoRA
+
+
+def bench_lora(device: str, quick: bool, progress) -> dict:
+    from cogcore.kernels import gathered_lora
+
+    n, rows, d, r = LORA["n_adapters"], LORA["rows_per_adapter"], LORA["d"], LORA["r"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n * rows, d, device=device, generator=g).to(dtype).requires_grad_()
+    A = (torch.randn(n, d, r, device=device, generator=g) * d**-0.5).to(dtype).requires_grad_()
+    B = torch.randn(n, r, d, device=device, generator=g).to(dtype).requires_grad_()
+    idx = torch.arange(n, device=device).repeat_interleave(rows)[
+        torch.randperm(n * rows, device=device, generator=g)
+    ]
+    scale = torch.full((n,), 2.0, device=device)
+    dy = torch.randn(n * rows, d, device=device, generator=g).to(dtype)
+    impls = ["loop", "torch"] + (["triton"] if device == "cuda" else [])
+    repeats = 20 if quick else 200
+    results, outputs = {}, {}
+    for impl in impls:
+        progress(f"(b) gathered LoRA {impl}: {n} adapters x {rows} rows, d={d}, r={r}")
+
+        def fwd(impl=impl):
+            with torch.no_grad():
+                return gathered_lora(x, A, B, idx, scale, impl=impl)
+
+        def fwd_bwd(impl=impl):
+            x.grad = A.grad = B.grad = None
+            y = gathered_lora(x, A, B, idx, scale, impl=impl)
+            y.backward(dy)
+            return y
+
+        for _ in range(3):
+            fwd_bwd()  # warm-up
+        y = fwd_bwd()
+        outputs[impl] = [t.detach().float() for t in (y, x.grad, A.grad, B.grad)]
+        t_fwd, _ = _median_time(fwd, repeats, device)
+        t_fb, _ = _median_time(fwd_bwd, repeats, device)
+        results[impl] = {"forward_ms": round(t_fwd * 1e3, 4), "fwd_bwd_ms": round(t_fb * 1e3, 4)}
+    ref = outputs["loop"]
+    for impl in impls[1:]:
+        results[impl]["speedup_vs_loop"] = {
+            "forward": round(results["loop"]["forward_ms"] / results[impl]["forward_ms"], 2),
+            "fwd_bwd": round(results["loop"]["fwd_bwd_ms"] / results[impl]["fwd_bwd_ms"], 2),
+        }
+        results[impl]["max_rel_diff_vs_loop"] = {
+            name: float((a - b).abs().max() / b.abs().max())
+            for name, a, b in zip(("y", "dx", "dA", "dB"), outputs[impl], ref)
+        }
+    speedup = results["torch"]["speedup_vs_loop"]
+    return {
+        "shape": {**LORA, "rows": n * rows, "dtype": str(dtype).removeprefix("torch.")},
+        "repeats": repeats,
+        "impls": results,
+        "targets": {
+            f"torch >= {TARGETS['lora_speedup_vs_loop']} x loop (forward)": speedup["forward"]
+            >= TARGETS["lora_speedup_vs_loop"],
+            f"torch >= {TARGETS['lora_speedup_vs_loop']} x loop (fwd+bwd)": speedup["fwd_bwd"]
+            >= TARGETS["lora_speedup_vs_loop"],
+        },
+    }
+
+
+# ---------------------------------------------------------------- (c) CUDA bandwidth
+
+
+def _copy_peak_gbps(n_floats: int, repeats: int) -> float:
+    src = torch.empty(n_floats, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    seconds, _ = _median_time(lambda: dst.copy_(src), repeats, "cuda")
+    return 2 * n_floats * 4 / seconds / 1e9  # read + write
+
+
+def _norm_timings(impl: str, rows: int, hidden: int, repeats: int) -> dict[str, tuple[float, int]]:
+    """name -> (seconds, bytes the op must move at least), bf16 RMSNorm and SwiGLU."""
+    from cogcore.kernels import rms_norm, swiglu
+
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    gate = torch.randn(rows, 2 * hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn_like(gate, requires_grad=True)
+    dz = torch.randn_like(gate)
+    out = {
+        "rms_norm_fwd": (
+            _median_time(lambda: rms_norm(x, w, 1e-6, impl=impl), repeats, "cuda")[0],
+            2 * x.numel() * 2,
+        ),
+        # fwd reads x, writes y; bwd reads x, dy and writes dx (dw is negligible)
+        "rms_norm_fwd_bwd": (
+            _median_time(
+                lambda: torch.autograd.grad(rms_norm(x, w, 1e-6, impl=impl), (x, w), dy), repeats, "cuda"
+            )[0],
+            5 * x.numel() * 2,
+        ),
+        "swiglu_fwd": (
+            _median_time(lambda: swiglu(gate, up, impl=impl), repeats, "cuda")[0],
+            3 * gate.numel() * 2,
+        ),
+    }
+    if impl != "liger":  # liger's backward writes into its inputs; timing it would need fresh copies
+        out["swiglu_fwd_bwd"] = (
+            _median_time(
+                lambda: torch.autograd.grad(swiglu(gate, up, impl=impl), (gate, up), dz), repeats, "cuda"
+            )[0],
+            8 * gate.numel() * 2,
+        )
+    return out
+
+
+def _chunk_kernel_timings(vocab: int, repeats: int) -> dict[str, tuple[float, int]]:
+    from cogcore.kernels.linear_loss import _LossSpec
+    from cogcore.kernels.triton_linear_loss import launch_chunk_kernel
+
+    c = 1024
+    s = torch.randn(c, vocab, device="cuda")
+    t = torch.randn(c, vocab, device="cuda")
+    work = s.clone()
+    spec = _LossSpec("jsd", beta=0.5)
+    loss_only, _ = _median_time(
+        lambda: launch_chunk_kernel(spec, s, t, None, want_grad=False), repeats, "cuda"
+    )
+    with_grad, _ = _median_time(
+        lambda: launch_chunk_kernel(spec, work.copy_(s), t, None, want_grad=True), repeats, "cuda"
+    )
+    refill, _ = _median_time(lambda: work.copy_(s), repeats, "cuda")
+    return {
+        "jsd_chunk_loss_only": (loss_only, 2 * c * vocab * 4),  # read s, t
+        "jsd_chunk_loss_and_grad": (max(with_grad - refill, 1e-9), 3 * c * vocab * 4),  # read s, t; write ds
+    }
+
+
+def bench_bandwidth(quick: bool, progress) -> dict:
+    """Achieved GB/s = bytes the op must move at least / time, vs a measured copy peak."""
+    import importlib.util
+
+    repeats = 10 if quick else 50
+    progress("(c) device copy peak")
+    peak = _copy_peak_gbps(2**28 if quick else 2**29, repeats)  # 1 / 2 GiB each way
+    out = {"copy_peak_GBps": round(peak, 1), "ops": {}}
+    timings = {}
+    rows, hidden = (2048, 2048) if quick else (8192, 4096)
+    for impl in ["reference", "triton"] + (["liger"] if importlib.util.find_spec("liger_kernel") else []):
+        progress(f"(c) rms_norm / swiglu {impl}")
+        timings.update(
+            {f"{name}/{impl}": v for name, v in _norm_timings(impl, rows, hidden, repeats).items()}
+        )
+    progress("(c) loss chunk kernel")
+    timings.update(_chunk_kernel_timings(SHAPES["cuda_quick" if quick else "cuda"]["V"], repeats))
+    for name, (seconds, nbytes) in timings.items():
+        gbps = nbytes / seconds / 1e9
+        out["ops"][name] = {
+            "time_ms": round(seconds * 1e3, 4),
+            "GBps": round(gbps, 1),
+            "fraction_of_copy_peak": round(gbps / peak, 3),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("triton", "liger-kernel", "transformers"):
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            info[name] = None
+    return info
+
+
+def _print_summary(result: dict) -> None:
+    lin = result["linear_jsd"]
+    print(
+        f"\n(a) linear JSD  N={lin['shape']['N']} H={lin['shape']['H']} V={lin['shape']['V']} {lin['shape']['dtype']}"
+    )
+    print(f"    {'variant':<12} {'peak MiB':>10} {'time s':>9} {'mem x':>7} {'time x':>7}")
+    for name, r in lin["variants"].items():
+        if "error" in r:
+            print(f"    {name:<12} error: {r['error'].splitlines()[-1] if r['error'] else '?'}")
+            continue
+        ratio = lin["ratios"].get(f"{name}_vs_naive", {"memory": 1.0, "time": 1.0})
+        print(
+            f"    {name:<12} {r['peak_mib']:>10.1f} {r['time_s']:>9.3f} {ratio['memory']:>7.3f} {ratio['time']:>7.3f}"
+        )
+    lora = result["gathered_lora"]
+    print(
+        f"(b) gathered LoRA  {lora['shape']['n_adapters']} adapters x {lora['shape']['rows_per_adapter']} rows"
+    )
+    for name, r in lora["impls"].items():
+        sp = r.get("speedup_vs_loop", {})
+        print(
+            f"    {name:<8} fwd {r['forward_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms"
+            + (f"  speedup {sp['forward']:.2f}x / {sp['fwd_bwd']:.2f}x" if sp else "")
+        )
+    if "bandwidth" in result:
+        bw = result["bandwidth"]
+        print(f"(c) bandwidth  copy peak {bw['copy_peak_GBps']} GB/s")
+        for name, r in bw["ops"].items():
+            print(f"    {name:<28} {r['GBps']:>8.1f} GB/s  ({r['fraction_of_copy_peak']:.2f} of peak)")
+    for part in ("linear_jsd", "gathered_lora"):
+        for target, ok in result[part].get("targets", {}).items():
+            print(f"    target {target}: {'met' if ok else 'NOT met'}")
+
+
+def _save_png(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lin = {k: v for k, v in result["linear_jsd"]["variants"].items() if "peak_mib" in v}
+    lora = result["gathered_lora"]["impls"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].bar(list(lin), [v["peak_mib"] for v in lin.values()], color="tab:blue")
+    axes[0].set_title("(a) linear JSD: peak memory (MiB)")
+    axes[1].bar(list(lin), [v["time_s"] for v in lin.values()], color="tab:orange")
+    axes[1].set_title("(a) linear JSD: fwd+bwd time (s)")
+    axes[2].bar(
+        [f"{k}\nfwd" for k in lora] + [f"{k}\nfwd+bwd" for k in lora],
+        [v["forward_ms"] for v in lora.values()] + [v["fwd_bwd_ms"] for v in lora.values()],
+        color="tab:green",
+    )
+    axes[2].set_title("(b) gathered LoRA (ms)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cogcore bench kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes: finishes in seconds")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed fwd+bwd steps per linear variant")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (CPU; default: torch's)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/kernels_<device>.json)"
+    )
+    parser.add_argument("--_linear-variant", dest="linear_variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick or args.device == "cpu" else 10)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.linear_variant:  # child process: one variant, one JSON line
+        shape = SHAPES[f"{args.device}_quick" if args.quick else args.device]
+        print(json.dumps(run_linear_variant(args.linear_variant, shape, args.device, repeats)))
+        return 0
+
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    result = {
+        "machine": machine_info(args.device),
+        "quick": args.quick,
+        "repeats": repeats,
+        "targets": TARGETS,
+    }
+    result["linear_jsd"] = bench_linear(args.device, args.quick, repeats, progress)
+    result["gathered_lora"] = bench_lora(args.device, args.quick, progress)
+    if args.device == "cuda":
+        result["bandwidth"] = bench_bandwidth(args.quick, progress)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+
+    out = (
+        args.out
+        or Path(__file__).resolve().parent
+        / "results"
+        / f"kernels_{args.device}{'_quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _save_png(result, out.with_suffix(".png"))
+    _print_summary(result)
+    print(f"\nwrote {out} ({result['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

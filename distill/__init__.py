@@ -1,0 +1,1 @@
+"""Distillation: teachers, losses, pruning (a student from a teacher), knowledge shedding."""

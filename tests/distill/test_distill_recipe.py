@@ -1,0 +1,140 @@
+"""The distill recipe on tiny models: cached, live and on-policy teachers, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from cogcore.distill import recipe
+from cogcore.distill.recipe import DistillConfig
+from cogcore.train.config import CogcoreError, ConfigError, load_config
+
+BASE = ["teacher.source=tiny-llama-wide", "student.init=prune", "student.prune.layers=2",
+        "student.prune.calibration_documents=8", "data.source=builtin:arithmetic", "data.seq_len=64",
+        "data.builtin_size=120", "data.eval_documents=16", "train.micro_batch=8", "train.lr=3e-3",
+        "train.warmup_steps=1", "train.progress=false", "train.tensorboard=false", "cache.k=16"]
+
+
+def make(tmp_path, *extra):
+    return load_config(DistillConfig, None, [*BASE, f"out={tmp_path / 'run'}", *extra])
+
+
+def test_cached_teacher_distills_and_kl_falls(tmp_path, monkeypatch):
+    cfg = make(tmp_path, "teacher_mode=cache", "train.max_steps=15", "loss.kind=forward_kl")
+    recipe.run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout_kl_end"] < 0.5 * summary["heldout_kl_start"]
+    assert summary["student_params"] < summary["teacher_params"]
+    assert summary["teacher_mode"] == "cache" and summary["tokens_seen"] > 0
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert (tmp_path / "run" / "student-init" / "prune_report.json").is_file()
+
+    # With the cache built, training never loads the teacher model.
+    real = recipe.load_model
+
+    def no_teacher(spec, *a, **kw):
+        if getattr(spec, "source", spec) == "tiny-llama-wide":
+            raise AssertionError("the teacher was loaded although its cache exists")
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(recipe, "load_model", no_teacher)
+    recipe.run(make(tmp_path / "again", "teacher_mode=cache", "train.max_steps=3", "cache.build_if_missing=false"))
+
+
+def test_cache_with_all_ids_matches_the_live_teacher(tmp_path):
+    """top-k with k = vocab is the full distribution: cached and live losses must agree."""
+    from cogcore.distill.losses import DistillLoss, LossConfig
+    from cogcore.distill.recipe import load_rows, teacher_caches
+    from cogcore.distill.teacher import LiveTeacher
+    from cogcore.train.data import make_batch
+    from cogcore.train.distributed import DistInfo
+    from cogcore.train.model import load_model, load_tokenizer
+    cfg = make(tmp_path, "teacher_mode=cache", "cache.k=320")
+    tok = load_tokenizer(cfg.teacher)
+    rows, held = load_rows(cfg, tok)
+    caches = teacher_caches(cfg, tok, rows, held, DistInfo(), build="if_missing")
+    teacher = LiveTeacher(load_model(cfg.teacher))
+    student = load_model("tiny-llama")
+    loss = DistillLoss(student, LossConfig(kind="forward_kl", topk_tail="renorm"), teacher.weight)
+    batch = make_batch(rows, torch.arange(4))
+    live = loss(teacher.attach(batch))["loss_sum"]
+    cached = loss(caches["train"].attach(batch))["loss_sum"]
+    torch.testing.assert_close(cached, live, rtol=2e-3, atol=2e-3)
+
+
+def test_corrupt_and_stale_caches_are_caught(tmp_path):
+    from cogcore.distill.recipe import load_rows, teacher_caches
+    from cogcore.distill.teacher import TeacherCache
+    from cogcore.train.distributed import DistInfo
+    from cogcore.train.model import load_tokenizer
+    cfg = make(tmp_path, "teacher_mode=cache", "cache.shard_rows=8", "data.seed=7")  # data no other test caches
+    tok = load_tokenizer(cfg.teacher)
+    rows, held = load_rows(cfg, tok)
+    cache = teacher_caches(cfg, tok, rows, held, DistInfo(), build="verify")["train"]
+    shard = cache.root / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh = TeacherCache.open(cache.root.parent, cache.key, rows, cfg.cache.k)
+    with pytest.raises(CogcoreError, match="corrupt.*rerun `cogcore distill cache`"):
+        fresh.lookup(torch.tensor([8]))
+    # rebuilding repairs only the bad shard
+    rebuilt = teacher_caches(cfg, tok, rows, held, DistInfo(), build="verify")["train"]
+    assert rebuilt.lookup(torch.tensor([8]))[0].shape == (1, cfg.data.seq_len, cfg.cache.k)
+    # other data -> another key; a cache is never reused for different rows
+    other = load_config(DistillConfig, None, [*BASE, "data.builtin_size=100", "data.seed=7", "teacher_mode=cache"])
+    rows2, _ = load_rows(other, tok)
+    with pytest.raises(CogcoreError, match="other data|no teacher cache"):
+        TeacherCache.open(cache.root.parent, cache.key, rows2, cfg.cache.k)
+    # an interrupted build is reported as incomplete
+    index = json.loads((cache.root / "index.json").read_text())
+    index["complete"] = False
+    (cache.root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CogcoreError, match="incomplete"):
+        TeacherCache.open(cache.root.parent, cache.key, rows, cfg.cache.k)
+
+
+def test_live_and_on_policy_teachers_train(tmp_path):
+    for mode, extra in [("live", []), ("on-policy", ["on_policy.lmbda=1.0", "on_policy.max_new_tokens=8"])]:
+        cfg = make(tmp_path / mode, f"teacher_mode={mode}", "train.max_steps=3", "loss.kind=jsd", *extra)
+        res = recipe.run(cfg)
+        assert res.steps == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+        summary = json.loads((tmp_path / mode / "run" / "summary.json").read_text())
+        assert summary["heldout_kl_kind"] == "exact"
+
+
+def test_mismatched_tokenizer_is_explained_before_training(tmp_path):
+    from cogcore.train.model import load_model, load_tokenizer, save_model
+    tok = load_tokenizer("tiny-llama")
+    tok.add_tokens(["<extra_token>"])
+    save_model(load_model("tiny-llama"), tok, tmp_path / "odd-student")
+    cfg = make(tmp_path, "teacher_mode=live", "student.init=model", f"student.source={tmp_path / 'odd-student'}")
+    with pytest.raises(CogcoreError, match="tokenizers differ.*one vocabulary"):
+        recipe.run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="student.init=model needs student.source"):
+        load_config(DistillConfig, None, ["student.init=model"])
+    with pytest.raises(ConfigError, match="loss.beta must be in"):
+        load_config(DistillConfig, None, ["loss.beta=2"])
+    with pytest.raises(ConfigError, match="allowed values are 'live', 'cache', 'on-policy'"):
+        load_config(DistillConfig, None, ["teacher_mode=offline"])
+
+
+def test_empty_dataset_is_explained(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    cfg = make(tmp_path, f"data.source={tmp_path / 'empty.jsonl'}", "data.eval_documents=0")
+    with pytest.raises(CogcoreError, match="holds no records"):
+        recipe.run(cfg)
+
+
+def test_distill_cli_cache_then_train(cli, tmp_path):
+    args = ["distill", "--config", "configs/distill/tiny.yaml", f"out={tmp_path / 'cli'}", "train.max_steps=4",
+            "train.progress=false", "data.builtin_size=120"]
+    built = cli(args[0], "cache", *args[1:], check=True)
+    assert "checking teacher cache" in built.stdout
+    trained = cli(*args, check=True)
+    assert "building teacher cache" not in trained.stdout and "held-out KL end" in trained.stdout
