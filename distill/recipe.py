@@ -206,6 +206,9 @@ def _prompts(rows) -> list[list[int]]:
 
 def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None = None) -> TrainResult:
     di = di or setup()
+    if cfg.teacher_mode == "on-policy" and di.strategy in ("fsdp2", "zero3"):
+        raise CogcoreError("teacher_mode=on-policy generates with the student, which needs its whole weights on every "
+                           "process: use --dist ddp or zero2, or teacher_mode=live/cache with fsdp2/zero3")
     run_dir = run_dir_for(cfg)
     if di.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +267,10 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
     if result.steps < cfg.train.max_steps:
         return result
 
-    kl_end = heldout_kl(student, held, teacher_weight, cfg.loss.topk_tail) if held else None
+    # Under FSDP2 / ZeRO-3 the student's weights stay sharded after training; its held-out KL
+    # would need a gathered copy, so it is reported as not measured there.
+    sharded = di.strategy in ("fsdp2", "zero3")
+    kl_end = heldout_kl(student, held, teacher_weight, cfg.loss.topk_tail) if held and not sharded else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if di.is_main:

@@ -106,3 +106,17 @@ def test_schedule_warms_up_then_decays_to_min():
     assert f(0) < f(5) < f(9) <= 1.0
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.55)
+
+
+def test_qlora_on_a_4bit_base(rows, tmp_path):
+    """The same loading switch gives an NF4 base (bitsandbytes); LoRA trains on top of it."""
+    pytest.importorskip("bitsandbytes")
+    from cogcore.train.model import ModelSpec
+    model = load_model(ModelSpec(source="tiny-llama", quantize="nf4"))
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert model.base_hash == load_model("tiny-llama").base_hash  # the adapter's base is the same weights
+    model = add_lora(model, LoraConfig(r=4, alpha=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    res = train(CausalLMLoss(model), rows, cfg(max_steps=3), tmp_path, DistInfo())
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
