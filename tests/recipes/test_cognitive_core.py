@@ -1,0 +1,56 @@
+"""The cognitive-core experiment at its quick size: every phase runs, results.json / core.png come out,
+and the direction holds (the core student recites less than plain KD). Targets are the full run's job."""
+
+import json
+
+import pytest
+import torch
+
+from cogcore.configs import CONFIG_DIR
+from cogcore.distill import cognitive_core
+from cogcore.distill.cognitive_core import MODELS, ExperimentConfig
+from cogcore.train.config import ConfigError, load_config
+
+KEYS = ("closed_book_recall", "open_book_seen", "open_book_unseen", "two_hop_unseen", "procedures", "chance", "n")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_experiment_writes_results_and_sheds_recall(cli, tmp_path):
+    out = tmp_path / "exp"
+    proc = cli("experiment", "cognitive-core", "--out", str(out), "quick=true", check=True)
+    assert "plain_kd_recites_more_than_core" in proc.stdout  # the table and the targets were printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0]
+    for name in MODELS:
+        assert all(k in res[name] for k in KEYS), (name, sorted(res[name]))
+        assert res[name]["n"] == 60 and 0 < res[name]["chance"] < 1
+    assert (out / "core.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("reader", "teacher", *MODELS[1:]):
+        assert (out / "seed-0" / name / "model" / "config.json").is_file()
+    # the direction: the teacher recites, plain KD learns part of it, the core student sheds it
+    t, p, c = (res[m]["closed_book_recall"] for m in MODELS)
+    assert t > res["teacher"]["chance"] + 0.15, t
+    assert p > c + 0.1, (p, c)
+    assert set(res["targets"]) >= {"core_sheds_90pct_recall", "plain_kd_recites_more_than_core"}
+
+    # in process, same config: finished phases are skipped and the numbers are the same
+    cfg = load_config(ExperimentConfig, None, ["quick=true", f"out={out}"])
+    again = cognitive_core.run(cfg)
+    assert all(again[m]["closed_book_recall"] == res[m]["closed_book_recall"] for m in MODELS)
+
+
+def test_experiment_config_is_checked():
+    cfg = load_config(ExperimentConfig, CONFIG_DIR / "experiment" / "cognitive-core.yaml")
+    assert cfg.train.max_steps >= 1 and cfg.core.open_book and cfg.core.recall_masking == "annotated"
+    with pytest.raises(ConfigError, match="seeds"):
+        load_config(ExperimentConfig, None, ["seeds=[1,1]"])
+    with pytest.raises(ConfigError, match="multiple of net.heads"):
+        load_config(ExperimentConfig, None, ["net.hidden_size=100", "net.heads=3"])
+    with pytest.raises(ConfigError, match="core.recall_masking"):
+        load_config(ExperimentConfig, None, ["core.recall_masking=maybe"])
