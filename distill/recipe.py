@@ -218,6 +218,7 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
     tokenizer = load_tokenizer(cfg.teacher)
     rows, eval_rows = load_rows(cfg, tokenizer)
     student = make_student(cfg, run_dir, di)
+    student_init_hash = student.base_hash  # save_model re-stamps base_hash with the trained weights
     student_tok = load_tokenizer(ModelSpec(source=student.source_dir))
     teacher_dir = resolve(cfg.teacher)
     teacher_hash = base_hash(teacher_dir)
@@ -280,7 +281,7 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
             "steps": result.steps, "tokens_seen": result.tokens_seen, "final_loss": result.final_loss,
             "elapsed_s": time.time() - t_start, "train_elapsed_s": result.elapsed_s, "tokens_per_s": result.tokens_per_s,
             "teacher": cfg.teacher.source, "teacher_hash": teacher_hash, "teacher_params": params_in_dir(teacher_dir),
-            "student_params": count_params(student), "base_hash": out_hash, "student_init_hash": student.base_hash,
+            "student_params": count_params(student), "base_hash": out_hash, "student_init_hash": student_init_hash,
             "teacher_mode": cfg.teacher_mode, "loss": cfg.loss.kind,
             "heldout_kl_start": kl_start, "heldout_kl_end": kl_end,
             "heldout_kl_kind": "exact" if live is not None else f"top-{cfg.cache.k} + tail bucket (lower bound)",
