@@ -26,6 +26,7 @@ def test_cached_teacher_distills_and_kl_falls(tmp_path, monkeypatch):
     assert summary["heldout_kl_end"] < 0.5 * summary["heldout_kl_start"]
     assert summary["student_params"] < summary["teacher_params"]
     assert summary["teacher_mode"] == "cache" and summary["tokens_seen"] > 0
+    assert summary["base_hash"] != summary["student_init_hash"]  # the trained student is a new base
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert (tmp_path / "run" / "student-init" / "prune_report.json").is_file()
