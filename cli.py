@@ -54,6 +54,8 @@ def _recipe(module_name: str, actions: dict[str, str] | None = None) -> Callable
             return launch(_without_launch_flags(args.argv), args.nproc, args.dist)
         module = __import__(module_name, fromlist=["run"])
         getattr(module, actions[action])(cfg)
+        from cogcore.train.distributed import teardown
+        teardown()  # a no-op in one process; under torchrun every rank leaves the group cleanly
         return 0
 
     return main

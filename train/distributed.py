@@ -10,6 +10,7 @@ On CPU the backend is gloo; on CUDA it is nccl.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -93,7 +94,16 @@ def setup() -> DistInfo:
     strategy = _strategy_from_env(world)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Without an explicit destroy, gloo's threads can abort the process at interpreter exit
+        # ("terminate called without an active exception") after the run itself succeeded.
+        atexit.register(teardown)
     return DistInfo(rank, world, local, strategy if world > 1 or strategy.startswith("zero") else "single", device)
+
+
+def teardown() -> None:
+    """Leave the process group (every rank, once its work is done)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
