@@ -7,7 +7,8 @@ TRL lmbda=0), fp32, AdamW. Throughput = trained (assistant) tokens per second of
 steps, median over steps after warm-up. The teacher cache is built before timing (its build
 time is reported separately): with the cache, training never runs the teacher.
 
-    python bench/bench_distill.py [--steps 8] [--quick] [--out bench/results/distill_vs_trl.json]
+    python bench/bench_distill.py [--steps 8] [--warmup 2] [--out bench/results/distill_vs_trl.json]
+    cogcore bench distill [same flags]
 """
 
 from __future__ import annotations
