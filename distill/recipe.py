@@ -24,7 +24,7 @@ from ..train.data import DataConfig, load_documents, make_batch, pack
 from ..train.distributed import DistInfo, barrier, setup
 from ..train.loop import TrainConfig, TrainResult, print_summary, train
 from ..train.model import ModelSpec, base_hash, count_params, load_model, load_tokenizer, resolve, save_model
-from ..train.workspace import get_workspace
+from ..train.workspace import get_workspace, run_dir
 from .losses import DistillLoss, LossConfig, heldout_kl
 from .prune import PruneConfig, prune_to_dir
 from .shedding import ShedConfig, load_shed_documents
@@ -95,7 +95,7 @@ class DistillConfig:
 
 
 def run_dir_for(cfg: DistillConfig) -> Path:
-    return Path(cfg.out).expanduser() if cfg.out else get_workspace().runs / cfg.name
+    return run_dir(cfg.name, cfg.out)
 
 
 # ----------------------------------------------------------------------------- steps

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..train.config import CogcoreError, field
-from ..train.data import DataConfig, Document, read_records, record_segments, tokenize_record
+from ..train.data import DataConfig, Document, read_records, record_segments, split_documents, tokenize_record
 
 REASONING_KINDS = ("open_book", "two_hop", "contradiction", "procedures")
 KNOWLEDGE_KINDS = ("facts", "closed_book")
@@ -255,13 +255,5 @@ def load_shed_documents(data: DataConfig, cfg: ShedConfig, tokenizer) -> tuple[l
     """``train.data.load_documents`` with the shedding levers: read, shed, split (train, held-out)."""
     records = read_records(data.source, data.builtin_size, data.seed)
     docs = shed_documents(records, tokenizer, cfg, data.train_on, where=data.source)
-    if data.max_documents:
-        docs = docs[: data.max_documents]
-    order = list(range(len(docs)))
-    random.Random(data.seed).shuffle(order)
-    held = [docs[i] for i in order[: data.eval_documents]]
-    train = [docs[i] for i in order[data.eval_documents:]]
-    if not train:
-        raise CogcoreError(f"{data.source}: no training documents left after knowledge shedding ({len(docs)} usable, "
-                           f"{data.eval_documents} held out); raise shedding.knowledge_weight or add data")
-    return train, held
+    return split_documents(docs, data, after=" after knowledge shedding",
+                           fix="raise shedding.knowledge_weight or add data")

@@ -204,16 +204,21 @@ def load_documents(cfg: DataConfig, tokenizer) -> tuple[list[Document], list[Doc
     records = read_records(cfg.source, cfg.builtin_size, cfg.seed)
     docs = [tokenize_record(r, tokenizer, cfg.train_on, where=f"{cfg.source} record {i}") for i, r in enumerate(records)]
     docs = [d for d in docs if len(d.input_ids) >= 2 and sum(d.weights) > 0]
+    return split_documents(docs, cfg)
+
+
+def split_documents(docs: list[Document], cfg: DataConfig, after: str = "",
+                    fix: str = "add data or lower data.eval_documents") -> tuple[list[Document], list[Document]]:
+    """Cap at ``max_documents``, then a seeded split into (train, held-out)."""
     if cfg.max_documents:
         docs = docs[: cfg.max_documents]
-    rng = random.Random(cfg.seed)
     order = list(range(len(docs)))
-    rng.shuffle(order)
+    random.Random(cfg.seed).shuffle(order)
     held = [docs[i] for i in order[: cfg.eval_documents]]
     train = [docs[i] for i in order[cfg.eval_documents:]]
     if not train:
-        raise CogcoreError(f"{cfg.source}: no training documents left (found {len(docs)} usable, "
-                           f"{cfg.eval_documents} held out); add data or lower data.eval_documents")
+        raise CogcoreError(f"{cfg.source}: no training documents left{after} (found {len(docs)} usable, "
+                           f"{cfg.eval_documents} held out); {fix}")
     return train, held
 
 

@@ -22,7 +22,7 @@ from .distributed import DistInfo, barrier, setup
 from .lm import CausalLMLoss
 from .loop import TrainConfig, TrainResult, print_summary, train
 from .model import ModelSpec, count_params, load_model, load_tokenizer, save_model
-from .workspace import get_workspace
+from .workspace import run_dir as workspace_run_dir
 
 
 @dataclass
@@ -49,10 +49,6 @@ class SFTConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA adapter (r=0: full fine-tuning)")
 
 
-def run_dir_for(name: str, out: str) -> Path:
-    return Path(out).expanduser() if out else get_workspace().runs / name
-
-
 def add_lora(model, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -63,7 +59,7 @@ def add_lora(model, cfg: LoraConfig):
 
 def run(cfg: SFTConfig, di: DistInfo | None = None, stop_after: int | None = None) -> TrainResult:
     di = di or setup()
-    run_dir = run_dir_for(cfg.name, cfg.out)
+    run_dir = workspace_run_dir(cfg.name, cfg.out)
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)

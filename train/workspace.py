@@ -69,3 +69,8 @@ def get_workspace(home: str | os.PathLike | None = None) -> Workspace:
 def set_home(home: str | os.PathLike) -> None:
     """Make ``home`` the workspace for this process and the processes it launches."""
     os.environ[ENV_VAR] = str(Path(home).expanduser().resolve())
+
+
+def run_dir(name: str, out: str = "") -> Path:
+    """A run's directory: ``out`` when given, else ``<home>/runs/<name>``."""
+    return Path(out).expanduser() if out else get_workspace().runs / name
