@@ -9,8 +9,10 @@ documents (:func:`shed_documents`, used by ``distill.recipe.load_rows``):
   built from the records' own ``fact`` annotations (the synthetic world's records carry them;
   :meth:`KnowledgeBase.from_world` gives the whole world). Fact statements become an open-book
   question about what they state; closed-book questions get their fact as context.
-  Records without ``fact`` annotations (real corpora) are left as they are: a retriever over
-  a document store is not built yet.
+  Records without ``fact`` annotations (real corpora: prompt/completion or chat messages) get
+  their context from a document store instead (``retrieval=PATH``): the prompt / each user turn
+  is the query of a BM25 search (:mod:`cogcore.train.retrieval`) and the ``retrieval_k`` best
+  passages are put in front of it. Plain ``text`` records have no question and stay as they are.
 * **recall-token masking** (``recall_masking``): target tokens that state a fact the preceding
   text does not support get ``recall_weight`` (0 = no distillation signal at all).
   ``annotated`` uses the records' exact ``recall`` flags (as :func:`cogcore.eval.world.mask_recall`,
@@ -55,6 +57,9 @@ class ShedConfig:
                                               "closed-book questions); 0 drops them")
     knowledge_density: float = field(0.3, help="records without meta.kind: knowledge-dense when more than this share "
                                                "of their trained tokens are recall tokens (detector)")
+    retrieval: str = field("", help="open_book for records without fact annotations: a document store (.jsonl/.json/"
+                                    ".parquet records with 'text', .txt, or a folder) searched with BM25 per question")
+    retrieval_k: int = field(3, help="retrieval: passages put in front of each question")
     seed: int = field(0, help="seed of the open-book conversion (distractors, order, question wording)")
 
     def __post_init__(self):
@@ -66,6 +71,11 @@ class ShedConfig:
             raise ValueError("shedding.reasoning_weight=0 and knowledge_weight=0 drop every record; keep one above 0")
         if not 0 <= self.knowledge_density <= 1:
             raise ValueError(f"shedding.knowledge_density must be in [0, 1], got {self.knowledge_density}")
+        if self.retrieval_k < 1:
+            raise ValueError(f"shedding.retrieval_k={self.retrieval_k}: put at least 1 passage in front of a question")
+        if self.retrieval and not self.open_book:
+            raise ValueError("shedding.retrieval is set but shedding.open_book=false: retrieval is the open-book "
+                             "conversion of records without fact annotations; set shedding.open_book=true")
         if self.context_size < 2:
             raise ValueError(f"shedding.context_size={self.context_size}: a context needs the fact and a distractor (>= 2)")
 
@@ -183,6 +193,44 @@ def open_book_record(rec: dict, kb: KnowledgeBase, rng: random.Random, context_s
     return out
 
 
+def retrieved_record(rec: dict, index, k: int) -> dict:
+    """``rec`` (prompt/completion or messages) with the ``k`` best passages for its question in front.
+
+    prompt/completion: the prompt is the query; messages: every user turn followed by an
+    assistant turn is its own query. Records of other shapes, or whose query matches nothing,
+    come back unchanged. ``meta.retrieved`` lists the passages' sources.
+    """
+    if not isinstance(rec, dict) or "segments" in rec:
+        return rec
+
+    def with_context(query: str) -> tuple[str, list[str]]:
+        hits = index.search(query, k)
+        if not hits:
+            return query, []
+        sources = [index.store[h.passage].source for h in hits]
+        return index.store.format_context(hits) + "\n\n" + query, sources
+
+    used: list[str] = []
+    if "prompt" in rec and "completion" in rec:
+        prompt, used = with_context(str(rec["prompt"]))
+        out = {**rec, "prompt": prompt}
+    elif isinstance(rec.get("messages"), list):
+        msgs = [dict(m) if isinstance(m, dict) else m for m in rec["messages"]]
+        for i, m in enumerate(msgs[:-1]):
+            nxt = msgs[i + 1]
+            if (isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+                    and isinstance(nxt, dict) and nxt.get("role") == "assistant"):
+                m["content"], sources = with_context(m["content"])
+                used += sources
+        out = {**rec, "messages": msgs}
+    else:
+        return rec
+    if used:
+        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+        out["meta"] = {**meta, "retrieved": used}
+    return out
+
+
 # ----------------------------------------------------------------------------- documents
 
 def record_kind(rec: dict) -> str | None:
@@ -213,14 +261,18 @@ def shed_documents(records: list[dict], tokenizer, cfg: ShedConfig, train_on: st
                    kb: KnowledgeBase | None = None, where: str = "records") -> list[Document]:
     """Records → token documents with the shedding levers of ``cfg`` applied to their weights.
 
-    Order: open-book conversion (needs ``fact`` annotations; ``kb`` defaults to the facts the
-    records themselves state) → tokenization → recall masking → record weighting. Records whose
+    Order: open-book conversion (fact-annotated records from ``kb``, which defaults to the facts
+    the records themselves state; other records from ``cfg.retrieval``) → tokenization → recall masking → record weighting. Records whose
     weights all end up 0 are dropped.
     """
     if cfg.open_book:
         kb = kb or KnowledgeBase.from_records(records)
         rng = random.Random(f"cogcore-open-book-{cfg.seed}")
         records = [open_book_record(r, kb, rng, cfg.context_size) if isinstance(r, dict) else r for r in records]
+    if cfg.open_book and cfg.retrieval:
+        from ..train.retrieval import BM25Index, DocumentStore
+        index = BM25Index(DocumentStore.load(cfg.retrieval))
+        records = [retrieved_record(r, index, cfg.retrieval_k) for r in records]
     docs = []
     for i, rec in enumerate(records):
         here = f"{where} record {i}"

@@ -195,3 +195,40 @@ def test_distill_load_rows_applies_shedding(world, tok, tmp_path):
     # the converted contexts add tokens but every statement is masked: fewer trained tokens per row
     assert rows_on.trained_tokens / rows_on.input_ids.numel() < rows_off.trained_tokens / rows_off.input_ids.numel()
     assert isinstance(on.data, DataConfig)
+
+
+def test_retrieval_puts_the_supporting_passage_in_front_and_the_detector_keeps_the_answer(tmp_path):
+    """Real-corpus open-book conversion: BM25 over a document store, then detector masking."""
+    tok = tiny_tokenizer()
+    store = tmp_path / "notes.jsonl"
+    store.write_text("".join(json.dumps({"text": t}) + "\n" for t in [
+        "Zorbania is a small island nation. Its capital is Quellport, founded in 1642.",
+        "Quellport has a harbour and a lighthouse.",
+        "The river Tamsk flows through Veldra.",
+    ]))
+    records = [{"prompt": "Question: What is the capital of Zorbania?\nAnswer:", "completion": " Quellport."},
+               {"messages": [{"role": "user", "content": "Which river flows through Veldra?"},
+                             {"role": "assistant", "content": "The Tamsk."}]},
+               {"text": "Plain text has no question and stays as it is."}]
+    closed = shed_documents(records, tok, ShedConfig(recall_masking="detector"))
+    cfg = ShedConfig(open_book=True, retrieval=str(store), retrieval_k=1, recall_masking="detector")
+    opened = shed_documents(records, tok, cfg)
+    answer = len(tok(" Quellport.", add_special_tokens=False).input_ids)
+
+    def trained(doc, n):
+        return [w for w in doc.weights[-n - 1:-1]]
+
+    assert 0.0 in trained(closed[0], answer)  # closed book: "Quellport" is recall, masked
+    assert all(w == 1.0 for w in trained(opened[0], answer))  # the passage supports it: trained
+    prompt0 = tok.decode(opened[0].input_ids)
+    assert prompt0.startswith("Context:\n[1] Zorbania is a small island nation.") and "Veldra" not in prompt0
+    assert "[1] The river Tamsk flows through Veldra." in tok.decode(opened[1].input_ids)
+    assert opened[2].input_ids == closed[2].input_ids  # no question: unchanged
+
+
+def test_retrieval_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="open_book=true"):
+        ShedConfig(retrieval="notes.jsonl")
+    with pytest.raises(CogcoreError, match="does not exist"):
+        shed_documents([{"prompt": "Q?", "completion": "A."}], tiny_tokenizer(),
+                       ShedConfig(open_book=True, retrieval=str(tmp_path / "missing.jsonl")))
