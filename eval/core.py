@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+
 from cogcore.train.config import CogcoreError, field
 from cogcore.train.model import ModelSpec, load_model, load_tokenizer
 from cogcore.train.workspace import get_workspace

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from cogcore.train.config import CogcoreError
 from cogcore.train.data import DataConfig, Document, load_documents, pack
 from cogcore.train.distributed import DistInfo

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+
 from cogcore.train.config import CogcoreError
 from cogcore.train.model import (
     ModelSpec,

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from cogcore.distill.prune import PruneConfig, _real_tokens, calibration_batches, prune_model, prune_to_dir
 from cogcore.train.config import CogcoreError, ConfigError, load_config
 from cogcore.train.data import DataConfig, Document, make_batch, pack

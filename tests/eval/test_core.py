@@ -3,9 +3,10 @@
 import importlib.util
 import json
 
-import cogcore.eval.core as core
 import pytest
 import torch
+
+import cogcore.eval.core as core
 from cogcore.eval.core import EvalReport, evaluate_core, generate, plot_core, probe_prompt
 from cogcore.eval.probes import load_probes
 from cogcore.eval.world import World, world_tokenizer

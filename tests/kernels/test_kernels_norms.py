@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from cogcore.kernels import apply_kernels, linear_cross_entropy, rms_norm, swiglu
 
 

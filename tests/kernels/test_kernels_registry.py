@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
-import cogcore.kernels  # noqa: F401  (registers every op)
 import pytest
 import torch
+
+import cogcore.kernels  # noqa: F401  (registers every op)
 from cogcore.kernels import available_kernels, describe_kernels, resolve_impl
 
 OPS = {"linear_cross_entropy", "linear_distill", "gathered_lora", "rms_norm", "swiglu"}
