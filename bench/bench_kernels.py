@@ -7,6 +7,10 @@
     and Liger's Triton LigerFusedLinearJSD). Peak memory and median time.
 (b) gathered LoRA, 16 adapters x 32 rows, d=576, r=16: vectorised ("torch", and "triton" on
     CUDA) vs the Python loop over adapters, forward and fwd+bwd, with equality checks.
+(d) gathered-LoRA decode overhead: one new token for each of 32 requests, each with its own
+    adapter (rank 16), through one projection; time of base matmul + gathered LoRA over the
+    base matmul alone (issue target on an H200: <= 15 % overhead). d = 4096 bf16 on CUDA,
+    d = 576 fp32 on CPU.
 (c) CUDA only: RMSNorm / SwiGLU (reference, triton, liger) and our loss-chunk kernel, as
     achieved GB/s against a measured device-to-device copy peak.
 
@@ -41,7 +45,10 @@ SHAPES = {  # (a): tokens N, student/teacher hidden H, vocab V, chunk
     "cuda_quick": dict(N=1024, H=576, V=32768, chunk=512, dtype="bfloat16"),
 }
 LORA = dict(n_adapters=16, rows_per_adapter=32, d=576, r=16)
-TARGETS = {"lean_memory_vs_naive": 0.25, "lean_time_vs_naive": 1.3, "lora_speedup_vs_loop": 4.0}
+DECODE = {"cpu": dict(requests=32, n_adapters=32, d=576, r=16, dtype="float32"),
+          "cuda": dict(requests=32, n_adapters=32, d=4096, r=16, dtype="bfloat16")}
+TARGETS = {"lean_memory_vs_naive": 0.25, "lean_time_vs_naive": 1.3, "lora_speedup_vs_loop": 4.0,
+           "lora_decode_overhead_gpu": 0.15}
 
 
 # ---------------------------------------------------------------- measuring
@@ -301,6 +308,81 @@ def bench_lora(device: str, quick: bool, progress) -> dict:
     }
 
 
+# ---------------------------------------------------------------- (d) LoRA decode overhead
+
+
+def _decode_time(fn, repeats: int, device: str) -> tuple[float, str]:
+    """Seconds per call of a tiny decode-step op, and how it was measured.
+
+    CPU: the median of single calls. CUDA: a single call is mostly launch latency, which a
+    serving engine hides with CUDA graphs; so the op is captured in a graph and the graph is
+    replayed ``repeats`` times between two syncs (falls back to back-to-back calls when the op
+    cannot be captured)."""
+    if device != "cuda":
+        return _median_time(fn, repeats, device)[0], "median of single calls"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run, method = graph.replay, "CUDA graph replays"
+    except Exception as exc:  # capture failed: time the launches too
+        torch.cuda.synchronize()
+        run, method = fn, f"back-to-back calls (graph capture failed: {type(exc).__name__})"
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, method
+
+
+def bench_lora_decode(device: str, quick: bool, progress) -> dict:
+    """Base projection vs base + gathered LoRA for one decode step of 32 requests / 32 adapters."""
+    from cogcore.kernels import gathered_lora
+
+    shape = DECODE[device]
+    n, d, r, rows = shape["n_adapters"], shape["d"], shape["r"], shape["requests"]
+    dtype = getattr(torch, shape["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, d, device=device, generator=g).to(dtype)
+    W = (torch.randn(d, d, device=device, generator=g) * d**-0.5).to(dtype)
+    A = (torch.randn(n, d, r, device=device, generator=g) * d**-0.5).to(dtype)
+    B = (torch.randn(n, r, d, device=device, generator=g) * 0.1).to(dtype)
+    idx = torch.randperm(n, device=device, generator=g)[:rows]  # every request its own adapter
+    scale = torch.full((n,), 2.0, device=device)
+    repeats = 50 if quick else 500
+    results = {}
+    with torch.no_grad():
+        t_base, method = _decode_time(lambda: torch.nn.functional.linear(x, W), repeats, device)
+        results["base"] = {"ms": round(t_base * 1e3, 4), "timing": method}
+        ref = None
+        for impl in ["loop", "torch"] + (["triton"] if device == "cuda" else []):
+            progress(f"(d) LoRA decode {impl}: {rows} requests x {n} adapters, d={d}, r={r}")
+
+            def step(impl=impl):
+                return torch.nn.functional.linear(x, W) + gathered_lora(x, A, B, idx, scale, impl=impl)
+
+            y = step().float()
+            ref = y if ref is None else ref
+            t, method = _decode_time(step, repeats, device)
+            results[impl] = {"ms": round(t * 1e3, 4), "overhead_vs_base": round(t / t_base - 1, 3), "timing": method,
+                             "max_rel_diff_vs_loop": float((y - ref).abs().max() / ref.abs().max())}
+    best = min((v["overhead_vs_base"] for k, v in results.items() if k not in ("base", "loop")))
+    out = {"shape": shape, "repeats": repeats, "impls": results}
+    if device == "cuda":
+        out["targets"] = {f"overhead <= {TARGETS['lora_decode_overhead_gpu']:.0%} over the base matmul":
+                          best <= TARGETS["lora_decode_overhead_gpu"]}
+    return out
+
+
 # ---------------------------------------------------------------- (c) CUDA bandwidth
 
 
@@ -447,13 +529,21 @@ def _print_summary(result: dict) -> None:
             f"    {name:<8} fwd {r['forward_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms"
             + (f"  speedup {sp['forward']:.2f}x / {sp['fwd_bwd']:.2f}x" if sp else "")
         )
+    dec = result.get("lora_decode")
+    if dec:
+        sh = dec["shape"]
+        print(f"(d) LoRA decode  {sh['requests']} requests x {sh['n_adapters']} adapters, d={sh['d']}, r={sh['r']}: "
+              f"base {dec['impls']['base']['ms']:.4f} ms")
+        for name, r in dec["impls"].items():
+            if name != "base":
+                print(f"    {name:<8} {r['ms']:8.4f} ms  overhead {r['overhead_vs_base']:+.1%}")
     if "bandwidth" in result:
         bw = result["bandwidth"]
         print(f"(c) bandwidth  copy peak {bw['copy_peak_GBps']} GB/s")
         for name, r in bw["ops"].items():
             print(f"    {name:<28} {r['GBps']:>8.1f} GB/s  ({r['fraction_of_copy_peak']:.2f} of peak)")
-    for part in ("linear_jsd", "gathered_lora"):
-        for target, ok in result[part].get("targets", {}).items():
+    for part in ("linear_jsd", "gathered_lora", "lora_decode"):
+        for target, ok in result.get(part, {}).get("targets", {}).items():
             print(f"    target {target}: {'met' if ok else 'NOT met'}")
 
 
@@ -522,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["linear_jsd"] = bench_linear(args.device, args.quick, repeats, progress)
     result["gathered_lora"] = bench_lora(args.device, args.quick, progress)
+    result["lora_decode"] = bench_lora_decode(args.device, args.quick, progress)
     if args.device == "cuda":
         result["bandwidth"] = bench_bandwidth(args.quick, progress)
     result["machine"]["load_average_at_end"] = os.getloadavg()

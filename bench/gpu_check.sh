@@ -6,7 +6,7 @@
 # 1. pytest -m gpu tests/kernels        Triton + Liger vs the torch references at real sizes
 # 2. pytest tests/kernels/triton_cases.py   the interpreter's odd tiny shapes, compiled for the GPU
 # 3. python bench/bench_kernels.py --device cuda  linear JSD at V=128256 (naive / chunked / triton /
-#    Liger x2), gathered LoRA vs loop, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
+#    Liger x2), gathered LoRA vs loop, LoRA decode overhead over the base matmul, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
 # Writes (5 files): gpu_check.json (summary), kernels_gpu.json (+ .png), kernels_gpu_tests.txt,
 # kernels_gpu_bench.txt. Exit status: non-zero if a step failed or timed out.
 set -uo pipefail
@@ -79,6 +79,7 @@ if bench.exists():
     result = json.loads(bench.read_text())
     summary["linear_jsd_ratios"] = result["linear_jsd"]["ratios"]
     summary["gathered_lora"] = {k: v.get("speedup_vs_loop") for k, v in result["gathered_lora"]["impls"].items()}
+    summary["lora_decode"] = {k: v.get("overhead_vs_base") for k, v in result["lora_decode"]["impls"].items()}
     summary["bandwidth"] = result.get("bandwidth")
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
