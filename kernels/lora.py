@@ -10,7 +10,8 @@ Implementations (registry op "gathered_lora"):
   loop / reference  a Python loop over the adapters present, like PEFT's mixed-batch forward.
   torch             SGMV-style: rows are sorted by adapter into segments, the segments padded
                     to the longest one and pushed through two batched matmuls (bmm), then
-                    gathered back. One gather in, two bmm, one gather out, whatever the number
+                    gathered back. A batch already grouped by adapter in equal segments (how a
+                    server or a multi-user trainer lays it out) skips both gathers. One gather in, two bmm, one gather out, whatever the number
                     of adapters; the backward is written out (4 bmm, gathers instead of
                     autograd's zero-fill + scatter). Batches so unbalanced that padding would
                     more than quadruple the work fall back to one matmul pair per segment.
@@ -49,6 +50,8 @@ class SegmentPlan:
     slot_sorted: Tensor  # (N_valid,) padded slot of order[j]
     inverse_order: Tensor | None  # (N,) when the padded layout is exactly the sorted rows (no
     # padding, every row has an adapter): then every scatter below is a gather
+    contiguous: bool = False  # rows already grouped by adapter in equal segments (a batch laid
+    # out for SGMV): the padded layout IS x, so no gather at all
 
     @property
     def n_rows(self) -> int:
@@ -79,6 +82,7 @@ def plan_segments(idx: Tensor, n_adapters: int) -> SegmentPlan:
     src_row[slot_sorted] = order_valid
     seg_start = torch.cat([starts[:n_adapters], starts.new_tensor([n_valid])])
     dense = n_valid == n_rows == n_adapters * m
+    contiguous = dense and bool(torch.equal(order_valid, torch.arange(n_rows, device=idx.device)))
     return SegmentPlan(
         n_adapters,
         m,
@@ -89,6 +93,7 @@ def plan_segments(idx: Tensor, n_adapters: int) -> SegmentPlan:
         seg_start,
         slot_sorted,
         torch.argsort(order_valid) if dense else None,
+        contiguous,
     )
 
 
@@ -133,10 +138,13 @@ class _SegmentLoRA(torch.autograd.Function):
     def forward(ctx, x, A, B, scale, plan: SegmentPlan):
         n, d_in, _ = A.shape
         m = plan.max_rows
-        X = x.index_select(0, plan.src_row).view(n, m, d_in)  # (n, m, d_in), padding = copies of row 0
+        if plan.contiguous:  # already in segment layout: views, no copies
+            X = x.contiguous().view(n, m, d_in)
+        else:
+            X = x.index_select(0, plan.src_row).view(n, m, d_in)  # (n, m, d_in), padding = copies of row 0
         Us = torch.bmm(X, A).mul_(scale.to(x.dtype).view(n, 1, 1))  # (n, m, r), scaled
         Y = torch.bmm(Us, B).view(n * m, B.shape[2])
-        out = Y.index_select(0, plan.slot)  # (N, d_out)
+        out = Y if plan.contiguous else Y.index_select(0, plan.slot)  # (N, d_out)
         if plan.valid is not None:
             out.masked_fill_(~plan.valid.unsqueeze(1), 0.0)
         ctx.save_for_backward(X, Us, A, B, scale)
@@ -148,7 +156,9 @@ class _SegmentLoRA(torch.autograd.Function):
         X, Us, A, B, scale = ctx.saved_tensors
         plan = ctx.plan
         n, m, d_in = X.shape
-        if plan.inverse_order is not None:  # padded layout == rows sorted by adapter
+        if plan.contiguous:
+            dY = dout.contiguous()
+        elif plan.inverse_order is not None:  # padded layout == rows sorted by adapter
             dY = dout.index_select(0, plan.order)
         else:  # padding slots must stay zero: they read row 0 and would leak into dA / dB
             dY = dout.new_zeros(n * m, dout.shape[1]).index_copy_(
@@ -161,7 +171,9 @@ class _SegmentLoRA(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dX = torch.bmm(dU, A.transpose(1, 2)).view(n * m, d_in)
-            if plan.inverse_order is not None:
+            if plan.contiguous:
+                dx = dX
+            elif plan.inverse_order is not None:
                 dx = dX.index_select(0, plan.inverse_order)
             else:
                 dx = dX.new_zeros(plan.n_rows, d_in).index_copy_(

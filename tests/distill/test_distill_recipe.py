@@ -139,3 +139,22 @@ def test_distill_cli_cache_then_train(cli, tmp_path):
     assert "checking teacher cache" in built.stdout
     trained = cli(*args, check=True)
     assert "building teacher cache" not in trained.stdout and "held-out KL end" in trained.stdout
+
+
+def test_distill_cli_with_retrieval_shedding(cli, tmp_path):
+    """The README's real-corpus shedding command: QA records + a document store, detector masking."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": f"Island {i} has the harbour town Port{i * 7 % 13}."}) + "\n"
+                             for i in range(40)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"Which harbour town is on Island {i}?",
+                                      "completion": f" Port{i * 7 % 13}."}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    proc = cli("distill", "--config", "configs/distill/tiny.yaml", f"out={out}", f"data.source={qa}",
+               "data.eval_documents=8", "teacher_mode=live", "train.max_steps=2", "train.progress=false",
+               "shedding.open_book=true", f"shedding.retrieval={notes}", "shedding.recall_masking=detector",
+               check=True)
+    assert (out / "model" / "config.json").is_file(), proc.stdout
+    bad = cli("distill", "--config", "configs/distill/tiny.yaml", f"out={tmp_path / 'bad'}", f"data.source={qa}",
+              "shedding.open_book=true", f"shedding.retrieval={tmp_path / 'nope.jsonl'}")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr + bad.stdout

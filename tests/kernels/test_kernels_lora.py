@@ -37,7 +37,7 @@ def forward_backward(impl, x, A, B, idx, scale):
     return y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()
 
 
-@pytest.mark.parametrize("layout", ["ragged", "balanced"])
+@pytest.mark.parametrize("layout", ["ragged", "balanced", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_torch_matches_loop(dtype, layout, assert_close):
     x, A, B, idx, scale = make_stack(dtype, n_rows=37 if layout == "ragged" else 32)
@@ -45,7 +45,11 @@ def test_torch_matches_loop(dtype, layout, assert_close):
         idx = torch.arange(4).repeat_interleave(8)[
             torch.randperm(32, generator=torch.Generator().manual_seed(3))
         ]
-        assert plan_segments(idx, 4).inverse_order is not None
+        plan = plan_segments(idx, 4)
+        assert plan.inverse_order is not None and not plan.contiguous
+    if layout == "grouped":  # already in segment order: the no-gather path
+        idx = torch.arange(4).repeat_interleave(8)
+        assert plan_segments(idx, 4).contiguous
     ref = forward_backward("loop", x, A, B, idx, scale)
     got = forward_backward("torch", x, A, B, idx, scale)
     for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
@@ -77,7 +81,8 @@ def test_unbalanced_batch_takes_the_segment_path(assert_close):
 
 def test_gradcheck_float64():
     x, A, B, idx, scale = make_stack(torch.float64, seed=2, n_rows=8, ranks=(2, 3), d_in=5, d_out=4)
-    for index in (idx, torch.tensor([1, 0, 0, 1, 1, 0, 0, 1])):  # ragged with -1, then balanced
+    for index in (idx, torch.tensor([1, 0, 0, 1, 1, 0, 0, 1]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])):
+        # ragged with -1, balanced, grouped (no gathers)
 
         def fn(xx, aa, bb, index=index):
             return gathered_lora(xx, aa, bb, index, scale.double(), impl="torch")
