@@ -130,23 +130,29 @@ def _lora_loop(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, scale: Tensor) -> T
     return out
 
 
+def _segment_forward(x: Tensor, A: Tensor, B: Tensor, scale: Tensor, plan: SegmentPlan):
+    """(out, X, Us): the SGMV forward, plus what the backward needs."""
+    n, d_in, _ = A.shape
+    m = plan.max_rows
+    if plan.contiguous:  # already in segment layout: views, no copies
+        X = x.contiguous().view(n, m, d_in)
+    else:
+        X = x.index_select(0, plan.src_row).view(n, m, d_in)  # (n, m, d_in), padding = copies of row 0
+    Us = torch.bmm(X, A).mul_(scale.to(x.dtype).view(n, 1, 1))  # (n, m, r), scaled
+    Y = torch.bmm(Us, B).view(n * m, B.shape[2])
+    out = Y if plan.contiguous else Y.index_select(0, plan.slot)  # (N, d_out)
+    if plan.valid is not None:
+        out.masked_fill_(~plan.valid.unsqueeze(1), 0.0)
+    return out, X, Us
+
+
 class _SegmentLoRA(torch.autograd.Function):
     """SGMV-style forward/backward with explicit gathers: autograd's own backward of the
     index ops would zero-fill and scatter (N, d) buffers, which dominated on CPU."""
 
     @staticmethod
     def forward(ctx, x, A, B, scale, plan: SegmentPlan):
-        n, d_in, _ = A.shape
-        m = plan.max_rows
-        if plan.contiguous:  # already in segment layout: views, no copies
-            X = x.contiguous().view(n, m, d_in)
-        else:
-            X = x.index_select(0, plan.src_row).view(n, m, d_in)  # (n, m, d_in), padding = copies of row 0
-        Us = torch.bmm(X, A).mul_(scale.to(x.dtype).view(n, 1, 1))  # (n, m, r), scaled
-        Y = torch.bmm(Us, B).view(n * m, B.shape[2])
-        out = Y if plan.contiguous else Y.index_select(0, plan.slot)  # (N, d_out)
-        if plan.valid is not None:
-            out.masked_fill_(~plan.valid.unsqueeze(1), 0.0)
+        out, X, Us = _segment_forward(x, A, B, scale, plan)
         ctx.save_for_backward(X, Us, A, B, scale)
         ctx.plan = plan
         return out
@@ -194,7 +200,9 @@ def _lora_torch(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, scale: Tensor) -> 
             if starts[a + 1] > starts[a]
         ]
         return x.new_zeros(x.shape[0], B.shape[2]).index_copy(0, plan.order, torch.cat(ys))
-    return _SegmentLoRA.apply(x, A, B, scale, plan)
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return _SegmentLoRA.apply(x, A, B, scale, plan)
+    return _segment_forward(x, A, B, scale, plan)[0]  # inference (serving): no autograd node
 
 
 def _lora_triton(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, scale: Tensor) -> Tensor:

@@ -54,6 +54,8 @@ def test_torch_matches_loop(dtype, layout, assert_close):
     got = forward_backward("torch", x, A, B, idx, scale)
     for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
         assert_close(a, b, dtype, name)
+    with torch.no_grad():  # inference takes the path without an autograd node
+        assert_close(gathered_lora(x, A, B, idx, scale, impl="torch"), ref[0], dtype, "y (no_grad)")
     assert (got[0][idx == -1] == 0).all(), "rows without adapter get no delta"
     assert (got[1][idx == -1] == 0).all(), "and no gradient"
     r = torch.tensor(RANKS)
