@@ -262,17 +262,17 @@ def shed_documents(records: list[dict], tokenizer, cfg: ShedConfig, train_on: st
     """Records → token documents with the shedding levers of ``cfg`` applied to their weights.
 
     Order: open-book conversion (fact-annotated records from ``kb``, which defaults to the facts
-    the records themselves state; other records from ``cfg.retrieval``) → tokenization → recall masking → record weighting. Records whose
-    weights all end up 0 are dropped.
+    the records themselves state; other records from ``cfg.retrieval``) → tokenization → recall
+    masking → record weighting. Records whose weights all end up 0 are dropped.
     """
     if cfg.open_book:
         kb = kb or KnowledgeBase.from_records(records)
         rng = random.Random(f"cogcore-open-book-{cfg.seed}")
         records = [open_book_record(r, kb, rng, cfg.context_size) if isinstance(r, dict) else r for r in records]
-    if cfg.open_book and cfg.retrieval:
-        from ..train.retrieval import BM25Index, DocumentStore
-        index = BM25Index(DocumentStore.load(cfg.retrieval))
-        records = [retrieved_record(r, index, cfg.retrieval_k) for r in records]
+        if cfg.retrieval:
+            from ..train.retrieval import BM25Index, DocumentStore
+            index = BM25Index(DocumentStore.load(cfg.retrieval))
+            records = [retrieved_record(r, index, cfg.retrieval_k) for r in records]
     docs = []
     for i, rec in enumerate(records):
         here = f"{where} record {i}"

@@ -10,10 +10,11 @@ Implementations (registry op "gathered_lora"):
   loop / reference  a Python loop over the adapters present, like PEFT's mixed-batch forward.
   torch             SGMV-style: rows are sorted by adapter into segments, the segments padded
                     to the longest one and pushed through two batched matmuls (bmm), then
-                    gathered back. A batch already grouped by adapter in equal segments (how a
-                    server or a multi-user trainer lays it out) skips both gathers. One gather in, two bmm, one gather out, whatever the number
+                    gathered back. One gather in, two bmm, one gather out, whatever the number
                     of adapters; the backward is written out (4 bmm, gathers instead of
-                    autograd's zero-fill + scatter). Batches so unbalanced that padding would
+                    autograd's zero-fill + scatter). A batch already grouped by adapter in equal
+                    segments (how a server or a multi-user trainer lays it out) skips both
+                    gathers; inference (no grad) builds no autograd node. Batches so unbalanced that padding would
                     more than quadruple the work fall back to one matmul pair per segment.
                     (A per-row gather of A[idx] (BGMV-style) was 5-20x slower on CPU: it copies
                     N*d_in*r weights; x @ all adapters at once does n_adapters x the flops.)

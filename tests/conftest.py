@@ -25,6 +25,16 @@ def cogcore_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on 2 threads of a shared 2-core machine are many times slower than on one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `cogcore` CLI in a subprocess (the workspace env comes with it)."""
     proc = subprocess.run([sys.executable, "-m", "cogcore.cli", *args], capture_output=True, text=True,

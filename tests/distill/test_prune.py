@@ -11,16 +11,9 @@ from cogcore.train.config import CogcoreError, ConfigError, load_config
 from cogcore.train.data import DataConfig, Document, make_batch, pack
 from cogcore.train.model import base_hash, load_model, load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = DataConfig(source="builtin:chat-arithmetic", seq_len=64, builtin_size=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 threads of a shared 2-core machine are many times slower than on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from cogcore.eval.world import World, world_tokenizer
 from cogcore.train.config import CogcoreError
 from cogcore.train.model import load_model, load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on 2 threads of a shared 2-core machine are many times slower than on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
