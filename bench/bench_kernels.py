@@ -1,6 +1,7 @@
 """Kernel benchmarks, side by side in one run.
 
-  python bench/bench_kernels.py [--quick] [--device cpu|cuda] [--out bench/results/kernels_cpu.json]
+  python bench/bench_kernels.py [--quick] [--device cpu|cuda] [--threads N]
+                                [--parts linear lora decode bandwidth] [--out bench/results/kernels_cpu.json]
 
 (a) linear JSD (beta 0.5) over the lm_head, fwd+bwd: the lean chunked path vs the naive
     full-logits path vs Liger's LigerFusedLinearJSDLoss (and, on CUDA, our Triton chunk math
@@ -22,6 +23,10 @@ tracemalloc does not. Where clear_refs cannot be written, ru_maxrss is used (the
 process's inputs are built first, so the delta is still the step's). On CUDA:
 torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the allocation before.
 Time: the median of --repeats fwd+bwd steps after the measured one.
+(b) and (d) on CPU call the implementations in turns and report the median of the per-round
+ratios, so a shared machine's noise slows both sides alike; glibc's malloc thresholds are raised
+first (keep_large_buffers: otherwise multi-MiB temporaries page-fault in on every call in some
+processes; --default-malloc keeps glibc's behaviour).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ SHAPES = {  # (a): tokens N, student/teacher hidden H, vocab V, chunk
     "cuda": dict(N=4096, H=2048, V=128256, chunk=1024, dtype="bfloat16"),
     "cuda_quick": dict(N=1024, H=576, V=32768, chunk=512, dtype="bfloat16"),
 }
+PARTS = ("linear", "lora", "decode", "bandwidth")
 LORA = dict(n_adapters=16, rows_per_adapter=32, d=576, r=16)
 DECODE = {"cpu": dict(requests=32, n_adapters=32, d=576, r=16, dtype="float32"),
           "cuda": dict(requests=32, n_adapters=32, d=4096, r=16, dtype="bfloat16")}
@@ -110,6 +116,28 @@ def _median_time(fn, repeats: int, device: str) -> tuple[float, list[float]]:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def _interleaved_times(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Per-call times of several functions, called in turns (each round runs every one once,
+    starting with a different one each round): a noisy shared machine then slows all of them
+    alike, so the ratios of a round's times carry over even when absolute times do not."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _paired_speedup(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base/other (both timed in the same rounds): how many times faster
+    ``other`` is; ``_paired_speedup(slow, fast) - 1`` reads as an overhead."""
+    return statistics.median(b / o for b, o in zip(base, other))
 
 
 # ---------------------------------------------------------------- (a) linear JSD, one variant per process
@@ -268,32 +296,35 @@ def bench_lora(device: str, quick: bool, progress) -> dict:
     repeats = 20 if quick else 200
     per_layout = {}
     for layout, idx in layouts.items():
-        results, outputs = {}, {}
+        progress(f"(b) gathered LoRA {', '.join(impls)}, {layout} rows: {n} adapters x {rows} rows, d={d}, r={r}")
+        fwd, fwd_bwd, outputs = {}, {}, {}
         for impl in impls:
-            progress(f"(b) gathered LoRA {impl}, {layout} rows: {n} adapters x {rows} rows, d={d}, r={r}")
 
-            def fwd(impl=impl, idx=idx):
+            def forward(impl=impl, idx=idx):
                 with torch.no_grad():
                     return gathered_lora(x, A, B, idx, scale, impl=impl)
 
-            def fwd_bwd(impl=impl, idx=idx):
+            def forward_backward(impl=impl, idx=idx):
                 x.grad = A.grad = B.grad = None
                 y = gathered_lora(x, A, B, idx, scale, impl=impl)
                 y.backward(dy)
                 return y
 
             for _ in range(3):
-                fwd_bwd()  # warm-up
-            y = fwd_bwd()
+                forward_backward()  # warm-up
+            y = forward_backward()
             outputs[impl] = [t.detach().float() for t in (y, x.grad, A.grad, B.grad)]
-            t_fwd, _ = _median_time(fwd, repeats, device)
-            t_fb, _ = _median_time(fwd_bwd, repeats, device)
-            results[impl] = {"forward_ms": round(t_fwd * 1e3, 4), "fwd_bwd_ms": round(t_fb * 1e3, 4)}
+            fwd[impl], fwd_bwd[impl] = forward, forward_backward
+        t_fwd = _interleaved_times(fwd, repeats, device)
+        t_fb = _interleaved_times(fwd_bwd, repeats, device)
+        results = {impl: {"forward_ms": round(statistics.median(t_fwd[impl]) * 1e3, 4),
+                          "fwd_bwd_ms": round(statistics.median(t_fb[impl]) * 1e3, 4)} for impl in impls}
         ref = outputs["loop"]
         for impl in impls[1:]:
+            # paired: the median of per-round ratios (the implementations ran in turns)
             results[impl]["speedup_vs_loop"] = {
-                "forward": round(results["loop"]["forward_ms"] / results[impl]["forward_ms"], 2),
-                "fwd_bwd": round(results["loop"]["fwd_bwd_ms"] / results[impl]["fwd_bwd_ms"], 2),
+                "forward": round(_paired_speedup(t_fwd["loop"], t_fwd[impl]), 2),
+                "fwd_bwd": round(_paired_speedup(t_fb["loop"], t_fb[impl]), 2),
             }
             results[impl]["max_rel_diff_vs_loop"] = {
                 name: float((a - b).abs().max() / b.abs().max())
@@ -321,12 +352,10 @@ def bench_lora(device: str, quick: bool, progress) -> dict:
 def _decode_time(fn, repeats: int, device: str) -> tuple[float, str]:
     """Seconds per call of a tiny decode-step op, and how it was measured.
 
-    CPU: the median of single calls. CUDA: a single call is mostly launch latency, which a
-    serving engine hides with CUDA graphs; so the op is captured in a graph and the graph is
-    replayed ``repeats`` times between two syncs (falls back to back-to-back calls when the op
-    cannot be captured)."""
-    if device != "cuda":
-        return _median_time(fn, repeats, device)[0], "median of single calls"
+    CUDA (the CPU path times the steps in turns instead): a single call is mostly launch
+    latency, which a serving engine hides with CUDA graphs; so the op is captured in a graph and
+    the graph is replayed ``repeats`` times between two syncs (falls back to back-to-back calls
+    when the op cannot be captured)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -367,21 +396,30 @@ def bench_lora_decode(device: str, quick: bool, progress) -> dict:
     scale = torch.full((n,), 2.0, device=device)
     repeats = 50 if quick else 500
     results = {}
+    impls = ["loop", "torch"] + (["triton"] if device == "cuda" else [])
+    steps = {"base": lambda: torch.nn.functional.linear(x, W)}
+    for impl in impls:
+        steps[impl] = lambda impl=impl: torch.nn.functional.linear(x, W) + gathered_lora(x, A, B, idx, scale, impl=impl)
+    results = {}
     with torch.no_grad():
-        t_base, method = _decode_time(lambda: torch.nn.functional.linear(x, W), repeats, device)
-        results["base"] = {"ms": round(t_base * 1e3, 4), "timing": method}
-        ref = None
-        for impl in ["loop", "torch"] + (["triton"] if device == "cuda" else []):
-            progress(f"(d) LoRA decode {impl}: {rows} requests x {n} adapters, d={d}, r={r}")
-
-            def step(impl=impl):
-                return torch.nn.functional.linear(x, W) + gathered_lora(x, A, B, idx, scale, impl=impl)
-
-            y = step().float()
-            ref = y if ref is None else ref
-            t, method = _decode_time(step, repeats, device)
-            results[impl] = {"ms": round(t * 1e3, 4), "overhead_vs_base": round(t / t_base - 1, 3), "timing": method,
-                             "max_rel_diff_vs_loop": float((y - ref).abs().max() / ref.abs().max())}
+        outputs = {impl: steps[impl]().float() for impl in impls}
+        if device == "cuda":
+            for name, step in steps.items():
+                progress(f"(d) LoRA decode {name}: {rows} requests x {n} adapters, d={d}, r={r}")
+                t, method = _decode_time(step, repeats, device)
+                results[name] = {"ms": round(t * 1e3, 4), "timing": method}
+            for impl in impls:
+                results[impl]["overhead_vs_base"] = round(results[impl]["ms"] / results["base"]["ms"] - 1, 3)
+        else:  # in turns, so that a noisy machine slows the base and the LoRA steps alike
+            progress(f"(d) LoRA decode base, {', '.join(impls)}: {rows} requests x {n} adapters, d={d}, r={r}")
+            times = _interleaved_times(steps, repeats, device)
+            for name, t in times.items():
+                results[name] = {"ms": round(statistics.median(t) * 1e3, 4), "timing": "median of single calls in turns"}
+            for impl in impls:
+                results[impl]["overhead_vs_base"] = round(_paired_speedup(times[impl], times["base"]) - 1, 3)
+    for impl in impls:
+        ref = outputs["loop"]
+        results[impl]["max_rel_diff_vs_loop"] = float((outputs[impl] - ref).abs().max() / ref.abs().max())
     best = min((v["overhead_vs_base"] for k, v in results.items() if k not in ("base", "loop")))
     out = {"shape": shape, "repeats": repeats, "impls": results}
     if device == "cuda":
@@ -489,6 +527,27 @@ def bench_bandwidth(quick: bool, progress) -> dict:
 # ---------------------------------------------------------------- driver
 
 
+def keep_large_buffers() -> str:
+    """Stop glibc from handing multi-MiB buffers back to the OS after every call.
+
+    By default glibc serves large allocations with fresh mmaps or trims the heap top when they
+    are freed, so an op whose temporaries are a few MiB (the gathered LoRA's gathered rows and
+    outputs at 512 x 576) page-faults all of them in again on every call: measured here, 1.4 ms
+    of a 0.25 ms op in some processes and not in others. The Python loop's per-adapter pieces
+    are small and never hit it. Raising the two thresholds (what a jemalloc/tcmalloc build or
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ give a production job) removes the artefact
+    for every implementation alike. Returns what was done, for the results file."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return "unchanged (not glibc)"
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 << 20) == 1
+    return "glibc mmap threshold 64 MiB, trim threshold 128 MiB" if ok else "unchanged (mallopt failed)"
+
+
 def machine_info(device: str) -> dict:
     info = {
         "platform": platform.platform(),
@@ -513,30 +572,12 @@ def machine_info(device: str) -> dict:
 
 
 def _print_summary(result: dict) -> None:
-    lin = result["linear_jsd"]
-    print(
-        f"\n(a) linear JSD  N={lin['shape']['N']} H={lin['shape']['H']} V={lin['shape']['V']} {lin['shape']['dtype']}"
-    )
-    print(f"    {'variant':<12} {'peak MiB':>10} {'time s':>9} {'mem x':>7} {'time x':>7}")
-    for name, r in lin["variants"].items():
-        if "error" in r:
-            print(f"    {name:<12} error: {r['error'].splitlines()[-1] if r['error'] else '?'}")
-            continue
-        ratio = lin["ratios"].get(f"{name}_vs_naive", {"memory": 1.0, "time": 1.0})
-        print(
-            f"    {name:<12} {r['peak_mib']:>10.1f} {r['time_s']:>9.3f} {ratio['memory']:>7.3f} {ratio['time']:>7.3f}"
-        )
-    lora = result["gathered_lora"]
-    print(
-        f"(b) gathered LoRA  {lora['shape']['n_adapters']} adapters x {lora['shape']['rows_per_adapter']} rows"
-    )
-    for layout, impls in (("shuffled", lora["impls"]), ("grouped", lora.get("grouped", {}))):
-        for name, r in impls.items():
-            sp = r.get("speedup_vs_loop", {})
-            print(
-                f"    {layout:<9} {name:<8} fwd {r['forward_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms"
-                + (f"  speedup {sp['forward']:.2f}x / {sp['fwd_bwd']:.2f}x" if sp else "")
-            )
+    lin = result.get("linear_jsd")
+    if lin:
+        _print_linear(lin)
+    lora = result.get("gathered_lora")
+    if lora:
+        _print_lora(lora)
     dec = result.get("lora_decode")
     if dec:
         sh = dec["shape"]
@@ -555,6 +596,34 @@ def _print_summary(result: dict) -> None:
             print(f"    target {target}: {'met' if ok else 'NOT met'}")
 
 
+def _print_linear(lin: dict) -> None:
+    print(
+        f"\n(a) linear JSD  N={lin['shape']['N']} H={lin['shape']['H']} V={lin['shape']['V']} {lin['shape']['dtype']}"
+    )
+    print(f"    {'variant':<12} {'peak MiB':>10} {'time s':>9} {'mem x':>7} {'time x':>7}")
+    for name, r in lin["variants"].items():
+        if "error" in r:
+            print(f"    {name:<12} error: {r['error'].splitlines()[-1] if r['error'] else '?'}")
+            continue
+        ratio = lin["ratios"].get(f"{name}_vs_naive", {"memory": 1.0, "time": 1.0})
+        print(
+            f"    {name:<12} {r['peak_mib']:>10.1f} {r['time_s']:>9.3f} {ratio['memory']:>7.3f} {ratio['time']:>7.3f}"
+        )
+
+
+def _print_lora(lora: dict) -> None:
+    print(
+        f"(b) gathered LoRA  {lora['shape']['n_adapters']} adapters x {lora['shape']['rows_per_adapter']} rows"
+    )
+    for layout, impls in (("shuffled", lora["impls"]), ("grouped", lora.get("grouped", {}))):
+        for name, r in impls.items():
+            sp = r.get("speedup_vs_loop", {})
+            print(
+                f"    {layout:<9} {name:<8} fwd {r['forward_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms"
+                + (f"  speedup {sp['forward']:.2f}x / {sp['fwd_bwd']:.2f}x" if sp else "")
+            )
+
+
 def _save_png(result: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -563,19 +632,28 @@ def _save_png(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    lin = {k: v for k, v in result["linear_jsd"]["variants"].items() if "peak_mib" in v}
-    lora = result["gathered_lora"]["impls"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].bar(list(lin), [v["peak_mib"] for v in lin.values()], color="tab:blue")
-    axes[0].set_title("(a) linear JSD: peak memory (MiB)")
-    axes[1].bar(list(lin), [v["time_s"] for v in lin.values()], color="tab:orange")
-    axes[1].set_title("(a) linear JSD: fwd+bwd time (s)")
-    axes[2].bar(
-        [f"{k}\nfwd" for k in lora] + [f"{k}\nfwd+bwd" for k in lora],
-        [v["forward_ms"] for v in lora.values()] + [v["fwd_bwd_ms"] for v in lora.values()],
-        color="tab:green",
-    )
-    axes[2].set_title("(b) gathered LoRA (ms)")
+    panels = []  # (title, labels, values, colour)
+    if "linear_jsd" in result:
+        lin = {k: v for k, v in result["linear_jsd"]["variants"].items() if "peak_mib" in v}
+        panels.append(("(a) linear JSD: peak memory (MiB)", list(lin), [v["peak_mib"] for v in lin.values()],
+                       "tab:blue"))
+        panels.append(("(a) linear JSD: fwd+bwd time (s)", list(lin), [v["time_s"] for v in lin.values()],
+                       "tab:orange"))
+    if "gathered_lora" in result:
+        lora = result["gathered_lora"]["impls"]
+        panels.append(("(b) gathered LoRA (ms)", [f"{k}\nfwd" for k in lora] + [f"{k}\nfwd+bwd" for k in lora],
+                       [v["forward_ms"] for v in lora.values()] + [v["fwd_bwd_ms"] for v in lora.values()],
+                       "tab:green"))
+    if "lora_decode" in result:
+        dec = result["lora_decode"]["impls"]
+        panels.append(("(d) LoRA decode step (ms)", list(dec), [v["ms"] for v in dec.values()], "tab:purple"))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, (title, labels, values, colour) in zip(axes, panels):
+        ax.bar(labels, values, color=colour)
+        ax.set_title(title)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
@@ -596,11 +674,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/kernels_<device>.json)"
     )
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS),
+        help="which benchmarks to run (default: all; bandwidth runs on CUDA only)",
+    )
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="leave glibc's malloc thresholds alone (default: raise them, see keep_large_buffers)",
+    )
     parser.add_argument("--_linear-variant", dest="linear_variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick or args.device == "cpu" else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = "unchanged (--default-malloc)" if args.default_malloc else keep_large_buffers()
 
     if args.linear_variant:  # child process: one variant, one JSON line
         shape = SHAPES[f"{args.device}_quick" if args.quick else args.device]
@@ -618,10 +705,15 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "targets": TARGETS,
     }
-    result["linear_jsd"] = bench_linear(args.device, args.quick, repeats, progress)
-    result["gathered_lora"] = bench_lora(args.device, args.quick, progress)
-    result["lora_decode"] = bench_lora_decode(args.device, args.quick, progress)
-    if args.device == "cuda":
+    result["threads"] = torch.get_num_threads()
+    result["malloc"] = malloc
+    if "linear" in args.parts:
+        result["linear_jsd"] = bench_linear(args.device, args.quick, repeats, progress)
+    if "lora" in args.parts:
+        result["gathered_lora"] = bench_lora(args.device, args.quick, progress)
+    if "decode" in args.parts:
+        result["lora_decode"] = bench_lora_decode(args.device, args.quick, progress)
+    if "bandwidth" in args.parts and args.device == "cuda":
         result["bandwidth"] = bench_bandwidth(args.quick, progress)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
