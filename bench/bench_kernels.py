@@ -395,7 +395,6 @@ def bench_lora_decode(device: str, quick: bool, progress) -> dict:
     idx = torch.randperm(n, device=device, generator=g)[:rows]  # every request its own adapter
     scale = torch.full((n,), 2.0, device=device)
     repeats = 50 if quick else 500
-    results = {}
     impls = ["loop", "torch"] + (["triton"] if device == "cuda" else [])
     steps = {"base": lambda: torch.nn.functional.linear(x, W)}
     for impl in impls:
@@ -404,12 +403,13 @@ def bench_lora_decode(device: str, quick: bool, progress) -> dict:
     with torch.no_grad():
         outputs = {impl: steps[impl]().float() for impl in impls}
         if device == "cuda":
+            seconds = {}
             for name, step in steps.items():
                 progress(f"(d) LoRA decode {name}: {rows} requests x {n} adapters, d={d}, r={r}")
-                t, method = _decode_time(step, repeats, device)
-                results[name] = {"ms": round(t * 1e3, 4), "timing": method}
+                seconds[name], method = _decode_time(step, repeats, device)
+                results[name] = {"ms": round(seconds[name] * 1e3, 4), "timing": method}
             for impl in impls:
-                results[impl]["overhead_vs_base"] = round(results[impl]["ms"] / results["base"]["ms"] - 1, 3)
+                results[impl]["overhead_vs_base"] = round(seconds[impl] / seconds["base"] - 1, 3)
         else:  # in turns, so that a noisy machine slows the base and the LoRA steps alike
             progress(f"(d) LoRA decode base, {', '.join(impls)}: {rows} requests x {n} adapters, d={d}, r={r}")
             times = _interleaved_times(steps, repeats, device)
