@@ -108,13 +108,7 @@ def _sync(device: str) -> None:
 
 
 def _median_time(fn, repeats: int, device: str) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = _interleaved_times({"fn": fn}, repeats, device)["fn"]
     return statistics.median(times), times
 
 
@@ -417,8 +411,8 @@ def bench_lora_decode(device: str, quick: bool, progress) -> dict:
                 results[name] = {"ms": round(statistics.median(t) * 1e3, 4), "timing": "median of single calls in turns"}
             for impl in impls:
                 results[impl]["overhead_vs_base"] = round(_paired_speedup(times[impl], times["base"]) - 1, 3)
+    ref = outputs["loop"]
     for impl in impls:
-        ref = outputs["loop"]
         results[impl]["max_rel_diff_vs_loop"] = float((outputs[impl] - ref).abs().max() / ref.abs().max())
     best = min((v["overhead_vs_base"] for k, v in results.items() if k not in ("base", "loop")))
     out = {"shape": shape, "repeats": repeats, "impls": results}
