@@ -1,0 +1,2 @@
+"""`cogcore demo`: the whole loop — serve scripted users, log, sleep (consolidate, refresh, gate,
+publish), wake and measure — on the embedded default model."""
