@@ -121,3 +121,51 @@ def test_qlora_on_a_4bit_base(rows, tmp_path):
     res = train(CausalLMLoss(model), rows, cfg(max_steps=3), tmp_path, DistInfo())
     assert all(torch.isfinite(torch.tensor(res.losses)))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_resume_with_a_changed_config_is_refused_with_the_keys_listed(rows, tmp_path):
+    run_config = {"data": {"seq_len": 64, "source": "builtin:arithmetic"}, "name": "a"}
+    train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4, save_every=2), tmp_path, DistInfo(),
+          run_config=run_config, stop_after=2)
+    changed = {**run_config, "data": {**run_config["data"], "seq_len": 128}}
+    with pytest.raises(CogcoreError, match=r"another config \(data.seq_len 64 -> 128, train.lr 0.003 -> 0.5\).*"
+                                           r"new name.*train.resume=force"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4, lr=0.5), tmp_path, DistInfo(),
+              run_config=changed)
+    # keys that only say how long the run goes and what it logs may change
+    res = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=6, log_every=3, save_every=0,
+                                                                  progress=True, keep_checkpoints=3),
+                tmp_path, DistInfo(), run_config={**run_config, "name": "b"})
+    assert res.resumed_from == 2 and res.steps == 6
+    # force: the user asked for it
+    res = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=8, lr=0.5, resume="force"), tmp_path,
+                DistInfo(), run_config=changed)
+    assert res.resumed_from == 6 and res.steps == 8
+
+
+def test_corrupt_resume_files_are_one_line_errors(rows, tmp_path):
+    train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=2), tmp_path, DistInfo())
+    ckpt = next((tmp_path / "checkpoints").glob("step-*"))
+    good_state = (ckpt / "state.json").read_text()
+    (ckpt / "state.json").write_text(good_state[: len(good_state) // 2])  # torn
+    with pytest.raises(CogcoreError, match=r"state.json is unreadable.*delete the folder .*step-00000002"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4), tmp_path, DistInfo())
+    (ckpt / "state.json").write_text(good_state)
+    (ckpt / "scheduler.pt").write_bytes(b"not a pickle")
+    with pytest.raises(CogcoreError, match=r"scheduler.pt is unreadable.*delete the folder"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=4), tmp_path, DistInfo())
+
+
+def test_a_torn_last_metrics_line_is_tolerated(rows, tmp_path):
+    train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=6, save_every=3), tmp_path, DistInfo(),
+          stop_after=4)
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # kill -9 in the middle of a write
+    res = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=6, save_every=3), tmp_path, DistInfo())
+    assert res.resumed_from == 3
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 7))
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(CogcoreError, match=r"metrics.jsonl line 2 is not a metrics row"):
+        train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=6), tmp_path, DistInfo())

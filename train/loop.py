@@ -49,7 +49,9 @@ class TrainConfig:
     save_every: int = field(0, help="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = field(2, help="how many recent checkpoints to keep")
     eval_every: int = field(0, help="run the held-out evaluation every N steps (0 = only at the end)")
-    resume: Literal["auto", "never"] = field("auto", help="auto = continue from the run's latest checkpoint")
+    resume: Literal["auto", "never", "force"] = field(
+        "auto", help="auto = continue from the run's latest checkpoint (refused if a key that changes the result "
+                     "differs from the run's config); never = start over; force = continue even so")
     tensorboard: bool = field(True, help="also log to TensorBoard when it is installed")
     progress: bool = field(True, help="show a progress bar")
 
@@ -133,6 +135,25 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (the process was killed mid-write) is
+    dropped; a broken line before it is an error naming the file and the line."""
+    lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for n, ln in enumerate(lines, 1):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if n == len(lines):  # torn by a kill mid-write: the checkpoint has the state anyway
+                break
+            raise CogcoreError(f"{path} line {n} is not a metrics row ({str(e)[:80]}); delete that line (or the "
+                               "file, losing the logged curve) and rerun") from None
+        rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard). On resume, lines past the checkpoint are dropped."""
 
@@ -143,7 +164,7 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.is_file():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         if tensorboard:
             try:
@@ -240,8 +261,13 @@ def train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     start_step, tokens_seen, elapsed_before, resumed_from = 0, 0.0, 0.0, None
-    ckpt = checkpoint.latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    ckpt = checkpoint.latest_checkpoint(run_dir) if cfg.resume != "never" else None
+    resume_flat = checkpoint.resume_config(asdict(cfg), run_config)
     if ckpt is not None:
+        changes = checkpoint.check_config(ckpt, checkpoint.read_state(ckpt), resume_flat, force=cfg.resume == "force")
+        if changes and di.is_main:
+            print(f"train.resume=force: resuming {ckpt} although "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes), flush=True)
         state = checkpoint.load(ckpt, model if engine is None else module, optimizer, scheduler, di, base_hash, engine)
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
         resumed_from = start_step
@@ -256,7 +282,8 @@ def train(
 
     def ckpt_state(step: int) -> dict:
         return {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.time() - t0,
-                "base_hash": base_hash, "config": run_config or {}, "train": asdict(cfg)}
+                "base_hash": base_hash, "config": run_config or {}, "train": asdict(cfg),
+                "config_hash": checkpoint.config_hash(resume_flat)}
 
     losses: list[float] = []
     eval_loss = None
@@ -351,8 +378,7 @@ def _last_logged_loss(run_dir: Path) -> float:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return float("nan")
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in read_metrics(path) if "loss" in r]
     return rows[-1]["loss"] if rows else float("nan")
 
 

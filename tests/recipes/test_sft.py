@@ -55,3 +55,16 @@ def test_kill_9_then_rerun_resumes_to_the_same_final_loss(cli, cogcore_home, tmp
     got = json.loads((run / "summary.json").read_text())
     assert got["resumed_from"] is not None and got["resumed_from"] < 40
     assert got["final_loss"] == pytest.approx(want, abs=1e-4)
+
+
+def test_rerun_with_a_changed_config_is_refused_before_training(cli, cogcore_home):
+    args = ["sft", "--config", "configs/sft/tiny.yaml", "train.max_steps=4", "train.save_every=2",
+            "train.progress=false", "data.builtin_size=200", "name=changed"]
+    cli(*args, check=True)
+    proc = cli(*args, "train.lr=0.5", "data.seq_len=64")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.seq_len 128 -> 64, train.lr 0.003 -> 0.5" in proc.stderr and "train.resume=force" in proc.stderr
+    config = (cogcore_home / "runs" / "changed" / "config.yaml").read_text()
+    assert "lr: 0.003" in config and "seq_len: 128" in config  # the run's record still tells the truth
+    longer = cli(*args, "train.max_steps=6", "train.log_every=2", check=True)  # extending a run is allowed
+    assert "resuming from" in longer.stdout
