@@ -29,8 +29,10 @@ class LossConfig:
     def __post_init__(self):
         if not 0 <= self.beta <= 1:
             raise ValueError(f"loss.beta must be in [0, 1], got {self.beta}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"loss.alpha must be in [0, 1), got {self.alpha}: skew KL compares the teacher with "
+                             "alpha*teacher + (1-alpha)*student, so alpha=1 leaves no student in the loss; "
+                             "alpha=0 is forward KL")
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.ce_weight < 0:

@@ -68,3 +68,18 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(SFTConfig, bad)
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=.nan", "train.lr=inf", "train.lr=-.inf",
+                                      "train.min_lr_ratio=nan", "train.grad_clip=nan", "train.weight_decay=inf"])
+def test_non_finite_numbers_are_rejected(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: got .*, expected a finite number"):
+        load_config(SFTConfig, None, [override])
+
+
+def test_non_finite_number_in_a_yaml_file(tmp_path):
+    f = tmp_path / "nan.yaml"
+    f.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match="train.lr: got nan, expected a finite number"):
+        load_config(SFTConfig, f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -112,9 +113,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: got {value!r}, expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: got {value!r}, expected a number") from None
+        if not math.isfinite(number):  # nan slips through every `x <= 0` check after it
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: got {value!r}, expected a string")

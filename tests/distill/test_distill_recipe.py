@@ -121,6 +121,10 @@ def test_config_errors():
         load_config(DistillConfig, None, ["student.init=model"])
     with pytest.raises(ConfigError, match="loss.beta must be in"):
         load_config(DistillConfig, None, ["loss.beta=2"])
+    with pytest.raises(ConfigError, match=r"loss.alpha must be in \[0, 1\), got 1.0: skew KL"):
+        load_config(DistillConfig, None, ["loss.kind=skew_kl", "loss.alpha=1"])
+    with pytest.raises(ConfigError, match="train.lr: got 'nan', expected a finite number"):
+        load_config(DistillConfig, None, ["train.lr=nan"])
     with pytest.raises(ConfigError, match="allowed values are 'live', 'cache', 'on-policy'"):
         load_config(DistillConfig, None, ["teacher_mode=offline"])
 
