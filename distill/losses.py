@@ -80,7 +80,9 @@ def heldout_kl(student: nn.Module, batches: list[dict], teacher_weight: torch.Te
     """Token-weighted forward KL(teacher ‖ student) at T=1 on held-out batches.
 
     Exact with a live teacher; with a cached top-k teacher it is the KL between the two
-    distributions coarse-grained to (top-k ids + one tail bucket), a lower bound of the exact KL.
+    distributions coarse-grained to (top-k ids + one tail bucket), a lower bound of the exact KL
+    (``topk_tail="bucket"``), or between the two renormalised over the k ids (``"renorm"``),
+    an approximation that is no bound.
     """
     was = student.training
     student.eval()

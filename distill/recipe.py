@@ -278,13 +278,14 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
         out_hash = save_model(student, student_tok, run_dir / "model", state_dict=full)
         save_config(cfg, run_dir / "config.yaml")
         summary = {
-            "steps": result.steps, "tokens_seen": result.tokens_seen, "final_loss": result.final_loss,
+            "steps": result.steps, "tokens_seen": result.tokens_seen, "trained_tokens": result.trained_tokens,
+            "loss_weight_sum": result.loss_weight_sum, "final_loss": result.final_loss,
             "elapsed_s": time.time() - t_start, "train_elapsed_s": result.elapsed_s, "tokens_per_s": result.tokens_per_s,
             "teacher": cfg.teacher.source, "teacher_hash": teacher_hash, "teacher_params": params_in_dir(teacher_dir),
             "student_params": count_params(student), "base_hash": out_hash, "student_init_hash": student_init_hash,
             "teacher_mode": cfg.teacher_mode, "loss": cfg.loss.kind,
             "heldout_kl_start": kl_start, "heldout_kl_end": kl_end,
-            "heldout_kl_kind": "exact" if live is not None else f"top-{cfg.cache.k} + tail bucket (lower bound)",
+            "heldout_kl_kind": heldout_kl_kind(cfg, live is not None),
             "world_size": di.world_size, "strategy": di.strategy, "resumed_from": result.resumed_from,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -292,10 +293,22 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
             "run": str(run_dir), "steps": result.steps, "final loss": result.final_loss,
             "held-out KL start": kl_start if kl_start is not None else "-",
             "held-out KL end": kl_end if kl_end is not None else "-",
+            "held-out KL is": summary["heldout_kl_kind"] if kl_start is not None else "-",
             "tokens/s": result.tokens_per_s, "student params": f"{count_params(student):,}",
             "output": str(run_dir / "model")})
     barrier()
     return result
+
+
+def heldout_kl_kind(cfg: DistillConfig, live: bool) -> str:
+    """What the held-out KL number is: exact with a live teacher; with a cached top-k it is
+    coarse-grained to the k ids + a tail bucket (a lower bound of the exact KL, by the data
+    processing inequality), or renormalised over the k ids (an approximation, no bound)."""
+    if live:
+        return "exact"
+    if cfg.loss.topk_tail == "bucket":
+        return f"top-{cfg.cache.k} + tail bucket (lower bound of the exact KL)"
+    return f"top-{cfg.cache.k} renormalised (approximation, not a bound)"
 
 
 def _on_policy_step(cfg: DistillConfig, step: int) -> bool:

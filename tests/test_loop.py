@@ -169,3 +169,18 @@ def test_a_torn_last_metrics_line_is_tolerated(rows, tmp_path):
     metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     with pytest.raises(CogcoreError, match=r"metrics.jsonl line 2 is not a metrics row"):
         train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=6), tmp_path, DistInfo())
+
+
+def test_tokens_seen_counts_tokens_not_loss_weights(tmp_path):
+    """Half-weighted documents with padding: tokens are what the model read, the weights apart."""
+    docs = [Document(list(range(3, 3 + n)), [0.0] + [0.5] * (n - 1)) for n in (20, 30, 11, 40)]
+    rows = pack(docs, 64, 0, packing=False)  # 4 rows, 101 real tokens, 155 padding slots
+    res = train(CausalLMLoss(load_model("tiny-llama")), rows, cfg(max_steps=3, micro_batch=2, grad_accum=2),
+                tmp_path, DistInfo())
+    assert res.tokens_seen == 3 * 101
+    assert res.trained_tokens == 3 * 97
+    assert res.loss_weight_sum == pytest.approx(3 * 97 * 0.5)
+    last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["tokens"] == 3 * 101 and last["trained_tokens"] == 3 * 97
+    state = json.loads(next((tmp_path / "checkpoints").glob("step-*")).joinpath("state.json").read_text())
+    assert state["tokens_seen"] == 3 * 101 and state["loss_weight_sum"] == pytest.approx(3 * 97 * 0.5)

@@ -315,6 +315,7 @@ def make_batch(rows: PackedRows, index: torch.Tensor) -> dict[str, torch.Tensor]
     doc_ids = rows.doc_ids[index]
     return {
         "row_index": index,
+        "doc_ids": doc_ids,
         "input_ids": rows.input_ids[index],
         "position_ids": rows.position_ids[index],
         "attention_mask": attention_mask(doc_ids),

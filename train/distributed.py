@@ -93,7 +93,8 @@ def setup() -> DistInfo:
         device = torch.device("cpu")
     strategy = _strategy_from_env(world)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CPU tensors (loss sums, token counts) go through gloo next to NCCL on a GPU
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
         # Without an explicit destroy, gloo's threads can abort the process at interpreter exit
         # ("terminate called without an active exception") after the run itself succeeded.
         atexit.register(teardown)

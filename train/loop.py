@@ -70,14 +70,16 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     steps: int
-    tokens_seen: float
+    tokens_seen: float         # input tokens the model read (padding excluded), over the whole run
     final_loss: float
     losses: list[float]
     eval_loss: float | None
     elapsed_s: float
-    tokens_per_s: float
+    tokens_per_s: float        # input tokens per second of this process's training steps
     resumed_from: int | None
     run_dir: str
+    trained_tokens: float = 0.0   # positions that carried loss (weight > 0)
+    loss_weight_sum: float = 0.0  # sum of their loss weights: what the loss is normalised by
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -261,6 +263,7 @@ def train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     start_step, tokens_seen, elapsed_before, resumed_from = 0, 0.0, 0.0, None
+    trained_tokens, weight_seen = 0.0, 0.0
     ckpt = checkpoint.latest_checkpoint(run_dir) if cfg.resume != "never" else None
     resume_flat = checkpoint.resume_config(asdict(cfg), run_config)
     if ckpt is not None:
@@ -270,6 +273,9 @@ def train(
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes), flush=True)
         state = checkpoint.load(ckpt, model if engine is None else module, optimizer, scheduler, di, base_hash, engine)
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed_s"]
+        # checkpoints from before these were counted apart hold the weight sum in tokens_seen
+        trained_tokens = state.get("trained_tokens", 0.0)
+        weight_seen = state.get("loss_weight_sum", state["tokens_seen"] if "trained_tokens" not in state else 0.0)
         resumed_from = start_step
         if di.is_main:
             print(f"resuming from {ckpt} (step {start_step})", flush=True)
@@ -281,7 +287,8 @@ def train(
         bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def ckpt_state(step: int) -> dict:
-        return {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.time() - t0,
+        return {"step": step, "tokens_seen": tokens_seen, "trained_tokens": trained_tokens,
+                "loss_weight_sum": weight_seen, "elapsed_s": elapsed_before + time.time() - t0,
                 "base_hash": base_hash, "config": run_config or {}, "train": asdict(cfg),
                 "config_hash": checkpoint.config_hash(resume_flat)}
 
@@ -298,8 +305,9 @@ def train(
             micro = [prepare_batch(b, step) for b in micro]
         # Normalise by the step's true token weight over every micro-batch on every rank, so
         # a long document counts as much under accumulation / sharding as in one big batch.
-        local_w = sum(float(b["target_weights"].sum()) for b in micro)
-        total_w = float(all_reduce_sum(torch.tensor(local_w, dtype=torch.float64)))
+        local = torch.tensor([[float(b["target_weights"].sum()), _real_tokens(b),
+                               float((b["target_weights"] > 0).sum())] for b in micro], dtype=torch.float64).sum(0)
+        total_w, step_tokens, step_trained = all_reduce_sum(local).tolist()
         if total_w <= 0:
             raise CogcoreError(f"step {step}: every target token has weight 0; check the data's loss masks")
         scale = di.world_size / total_w  # DDP/FSDP/ZeRO average gradients over ranks: undo that
@@ -337,14 +345,17 @@ def train(
             optimizer.zero_grad(set_to_none=True)
         step_loss = float(all_reduce_sum(step_loss)) / total_w
         losses.append(step_loss)
-        tokens_seen += total_w
+        tokens_seen += step_tokens
+        trained_tokens += step_trained
+        weight_seen += total_w
         dt = time.time() - t_step
-        run_tokens += total_w
+        run_tokens += step_tokens
         run_time += dt
         done = step + 1
         if di.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
             row = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens": tokens_seen, "tokens_per_s": total_w / max(dt, 1e-9),
+                   "tokens": tokens_seen, "tokens_per_s": step_tokens / max(dt, 1e-9),
+                   "trained_tokens": trained_tokens, "loss_weight_sum": weight_seen,
                    "epoch": plan.epoch_of(done), "elapsed_s": elapsed_before + time.time() - t0}
             row.update({k: v / total_w * di.world_size for k, v in extra.items()})
             log.write(row)
@@ -371,7 +382,15 @@ def train(
     elapsed = elapsed_before + time.time() - t0
     return TrainResult(steps=last_step, tokens_seen=tokens_seen, final_loss=final_loss, losses=losses,
                        eval_loss=eval_loss, elapsed_s=elapsed, tokens_per_s=run_tokens / max(run_time, 1e-9),
-                       resumed_from=resumed_from, run_dir=str(run_dir))
+                       resumed_from=resumed_from, run_dir=str(run_dir), trained_tokens=trained_tokens,
+                       loss_weight_sum=weight_seen)
+
+
+def _real_tokens(batch: dict) -> float:
+    """Input tokens of a batch that are not padding (every token when the batch does not say)."""
+    if "doc_ids" in batch:
+        return float((batch["doc_ids"] >= 0).sum())
+    return float(batch["input_ids"].numel())
 
 
 def _last_logged_loss(run_dir: Path) -> float:

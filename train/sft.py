@@ -97,7 +97,8 @@ def _save_outputs(model, tokenizer, cfg: SFTConfig, run_dir: Path, di: DistInfo,
             out_hash = base
         else:
             out_hash = save_model(model, tokenizer, run_dir / "model", state_dict=full)
-        summary = {"steps": result.steps, "tokens_seen": result.tokens_seen, "final_loss": result.final_loss,
+        summary = {"steps": result.steps, "tokens_seen": result.tokens_seen, "trained_tokens": result.trained_tokens,
+                   "loss_weight_sum": result.loss_weight_sum, "final_loss": result.final_loss,
                    "eval_loss": result.eval_loss, "elapsed_s": result.elapsed_s, "tokens_per_s": result.tokens_per_s,
                    "padding_fraction": padding, "base_hash": base, "output_hash": out_hash,
                    "params": count_params(model), "world_size": di.world_size, "strategy": di.strategy,

@@ -26,6 +26,10 @@ def test_cached_teacher_distills_and_kl_falls(tmp_path, monkeypatch):
     assert summary["heldout_kl_end"] < 0.5 * summary["heldout_kl_start"]
     assert summary["student_params"] < summary["teacher_params"]
     assert summary["teacher_mode"] == "cache" and summary["tokens_seen"] > 0
+    assert summary["heldout_kl_kind"] == "top-16 + tail bucket (lower bound of the exact KL)"
+    # real token counts: 15 steps x 8 rows of 64 tokens, less padding; the loss weights apart
+    assert summary["trained_tokens"] <= summary["tokens_seen"] <= 15 * 8 * 64
+    assert summary["loss_weight_sum"] == pytest.approx(summary["trained_tokens"])  # weights are 0 or 1 here
     assert summary["base_hash"] != summary["student_init_hash"]  # the trained student is a new base
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
@@ -162,3 +166,10 @@ def test_distill_cli_with_retrieval_shedding(cli, tmp_path):
     bad = cli("distill", "--config", "configs/distill/tiny.yaml", f"out={tmp_path / 'bad'}", f"data.source={qa}",
               "shedding.open_book=true", f"shedding.retrieval={tmp_path / 'nope.jsonl'}")
     assert bad.returncode == 2 and "does not exist" in bad.stderr + bad.stdout
+
+
+def test_heldout_kl_label_says_what_the_number_is(tmp_path):
+    assert recipe.heldout_kl_kind(make(tmp_path, "teacher_mode=live"), live=True) == "exact"
+    assert "lower bound" in recipe.heldout_kl_kind(make(tmp_path, "loss.topk_tail=bucket"), live=False)
+    renorm = recipe.heldout_kl_kind(make(tmp_path, "loss.topk_tail=renorm"), live=False)
+    assert "lower bound" not in renorm and "not a bound" in renorm
