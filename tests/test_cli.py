@@ -1,4 +1,9 @@
+import re
+
+import pytest
+
 from cogcore.cli import COMMANDS, build_parser
+from cogcore.train.config import load_config
 
 
 def test_dispatch_table_matches_parser():
@@ -20,8 +25,28 @@ def test_every_subcommand_has_help(cli):
     for name, cmd in COMMANDS.items():
         proc = cli(name, "--help")
         assert proc.returncode == 0, proc.stderr
-        if cmd.config:
-            assert "config keys" in proc.stdout and "train.lr" in proc.stdout
+        assert proc.stdout.strip(), name
+
+
+@pytest.mark.parametrize("name", [n for n, c in COMMANDS.items() if c.config])
+def test_recipe_help_lists_every_key_of_its_own_config(cli, name):
+    """Each key of the command's config, with its type, as the help's key list prints it."""
+    from cogcore.train.config import describe
+    out = cli(name, "--help", check=True).stdout
+    listed = re.findall(r"^  (\S+)  \(", out.split("config keys", 1)[1], flags=re.M)
+    assert listed == [key for key, _, _ in describe(COMMANDS[name].config())]
+
+
+PENDING_CLI_PATCH = pytest.mark.xfail(strict=True, reason="needs the cli.py patch in /work/notes/hardening.md "
+                                                          "(item 14): eval --help suggests train.lr=3e-4, which eval rejects")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=PENDING_CLI_PATCH) if n == "eval" else n
+                                  for n, c in COMMANDS.items() if c.config])
+def test_the_override_that_help_suggests_is_accepted(cli, name):
+    out = cli(name, "--help", check=True).stdout
+    example = re.search(r"config overrides, e\.g\. (\S+=\S+)", out).group(1)
+    load_config(COMMANDS[name].config(), None, [example])
 
 
 def test_info_prints_workspace(cli, tmp_path):

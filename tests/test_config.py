@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from cogcore.configs import CONFIG_DIR
+from cogcore.train.checkpoint import flat_config
 from cogcore.train.config import ConfigError, load_config, to_dict
 from cogcore.train.distributed import strategy_from_accelerate_file
 from cogcore.train.sft import SFTConfig
@@ -31,10 +32,20 @@ def test_every_shipped_yaml_loads(path):
         assert strategy_from_accelerate_file(path) == path.stem
     else:
         cfg = load_config(_config_class(path), path)
-        data, loaded = yaml.safe_load(path.read_text()), to_dict(cfg)
-        for key, value in data.items():  # every key in the file reached the config
-            if not isinstance(value, dict):
-                assert loaded[key] == value, key
+        data, loaded = flat_config(yaml.safe_load(path.read_text())), flat_config(to_dict(cfg))
+        assert data, f"{path.name} sets no key"
+        for key, value in data.items():  # every key in the file, nested ones too, reached the config
+            assert key in loaded, key
+            assert loaded[key] == value, (key, loaded[key], value)
+
+
+def test_the_yaml_check_sees_nested_keys(tmp_path):
+    """A nested value that the config changed on the way in is caught (the old check read only top-level keys)."""
+    from cogcore.distill.recipe import DistillConfig
+    f = tmp_path / "onpolicy.yaml"
+    f.write_text("teacher_mode: on-policy\ndata:\n  packing: true\n")  # on-policy turns packing off
+    data, loaded = flat_config(yaml.safe_load(f.read_text())), flat_config(to_dict(load_config(DistillConfig, f)))
+    assert [k for k in data if loaded[k] != data[k]] == ["data.packing"]
 
 
 def test_overrides_are_typed_and_nested():
