@@ -323,7 +323,7 @@ def calibration_batches(tokenizer, data_cfg, cfg: PruneConfig) -> list[dict]:
 
 
 def prune_to_dir(teacher_spec: ModelSpec | str, out_dir: str | Path, cfg: PruneConfig, data_cfg,
-                 device: str | torch.device | None = None) -> dict:
+                 device: str | torch.device | None = None, key: str = "") -> dict:
     """Prune a teacher into an HF directory (weights, tokenizer, prune_report.json/.png); return the report."""
     start = time.perf_counter()
     spec = teacher_spec if isinstance(teacher_spec, ModelSpec) else ModelSpec(source=str(teacher_spec))
@@ -337,7 +337,7 @@ def prune_to_dir(teacher_spec: ModelSpec | str, out_dir: str | Path, cfg: PruneC
     report.update({
         "teacher": spec.source, "teacher_base_hash": teacher.base_hash, "base_hash": student_hash,
         "out_dir": str(out_dir), "config": to_dict(cfg), "data": to_dict(data_cfg),
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - start, 2), "key": key,
     })
     plot_layer_importance(report, out_dir / PLOT_FILE)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))  # last: its presence means done

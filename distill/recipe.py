@@ -12,6 +12,7 @@ training loop on the lean distillation loss → held-out KL after → HF directo
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from ..train.checkpoint import check_resume
 from ..train.config import CogcoreError, field, save_config
 from ..train.data import DataConfig, load_documents, make_batch, pack
 from ..train.distributed import DistInfo, barrier, setup
@@ -34,6 +36,7 @@ from .teacher import (
     cache_key,
     check_same_tokenizer,
     on_policy_rows,
+    teacher_load_key,
     tokenizer_fingerprint,
 )
 
@@ -107,8 +110,12 @@ def make_student(cfg: DistillConfig, run_dir: Path, di: DistInfo):
         return load_model(ModelSpec(source=s.source, dtype=cfg.teacher.dtype))
     if s.init == "prune":
         init_dir = run_dir / "student-init"
-        if di.is_main and not (init_dir / "prune_report.json").is_file():
-            prune_to_dir(cfg.teacher, init_dir, s.prune, cfg.data)
+        key = prune_key(cfg)
+        if di.is_main and pruned_key(init_dir) != key:
+            if init_dir.exists():  # pruned for another teacher, prune config or data: never reuse it
+                print(f"{init_dir} was pruned with other settings; pruning again", flush=True)
+                shutil.rmtree(init_dir)
+            prune_to_dir(cfg.teacher, init_dir, s.prune, cfg.data, key=key)
         barrier()
         return load_model(ModelSpec(source=str(init_dir)))
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -124,6 +131,23 @@ def make_student(cfg: DistillConfig, run_dir: Path, di: DistInfo):
         save_model(model, load_tokenizer(cfg.teacher), init_dir)
     barrier()
     return load_model(ModelSpec(source=str(init_dir)))
+
+
+def prune_key(cfg: DistillConfig) -> str:
+    """Everything the pruned student depends on: the teacher's weights and how they are loaded,
+    what is kept (student.prune) and the calibration data (data.*)."""
+    import hashlib
+    parts = {"teacher_hash": base_hash(resolve(cfg.teacher)), "dtype": cfg.teacher.dtype,
+             "quantize": cfg.teacher.quantize, "prune": asdict(cfg.student.prune), "data": asdict(cfg.data)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pruned_key(init_dir: Path) -> str | None:
+    """The key a finished pruned student was built with (None: no finished student there)."""
+    try:
+        return json.loads((init_dir / "prune_report.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def params_in_dir(model_dir: Path) -> int:
@@ -161,7 +185,7 @@ def teacher_caches(cfg: DistillConfig, tokenizer, rows, eval_rows, di: DistInfo,
     caches = {}
     live = None
     for name, r in parts.items():
-        key = cache_key(t_hash, fp, r, cfg.cache.k)
+        key = cache_key(t_hash, fp, r, cfg.cache.k, teacher_load_key(cfg.teacher))
         if build != "verify":
             try:
                 caches[name] = TeacherCache.open(ws.teacher_cache, key, r, cfg.cache.k)
@@ -210,6 +234,7 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
         raise CogcoreError("teacher_mode=on-policy generates with the student, which needs its whole weights on every "
                            "process: use --dist ddp or zero2, or teacher_mode=live/cache with fsdp2/zero3")
     run_dir = run_dir_for(cfg)
+    check_resume(run_dir, cfg.train, asdict(cfg))  # before pruning or a teacher cache
     if di.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -331,7 +356,9 @@ def run_cache(cfg: DistillConfig) -> dict:
 def run_prune(cfg: DistillConfig) -> dict:
     """`cogcore distill prune`: write the pruned student as an HF directory and report what was kept."""
     out = run_dir_for(cfg) / "student-init"
-    report = prune_to_dir(cfg.teacher, out, cfg.student.prune, cfg.data)
+    if out.exists():
+        shutil.rmtree(out)
+    report = prune_to_dir(cfg.teacher, out, cfg.student.prune, cfg.data, key=prune_key(cfg))
     print_summary("prune", {"out": str(out), "params before": f"{report['params_before']:,}",
                             "params after": f"{report['params_after']:,}",
                             "kept layers": str(report.get("kept_layers"))})

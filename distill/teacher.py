@@ -5,8 +5,8 @@
   logits too are only ever made chunk by chunk.
 * ``TeacherCache`` runs the teacher once over the packed rows and stores its top-k
   log-probs (fp16 values, int32 ids) in sharded safetensors with an ``index.json``. The cache
-  directory is named by a hash of teacher weights + tokenizer + data + k, so a cache is never
-  reused for other data; every shard carries its sha256, so a corrupt shard is caught.
+  directory is named by a hash of teacher weights + its dtype and quantization + tokenizer +
+  data + k, so a cache is never reused for another teacher load or other data; every shard carries its sha256, so a corrupt shard is caught.
   Building is resumable: finished shards are kept when the build is killed and rerun.
 * ``on_policy_rows`` makes GKD-style batches: the student continues the batch's prompts and
   the teacher then scores the student's own tokens.
@@ -100,8 +100,16 @@ def rows_fingerprint(rows: PackedRows) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_hash: str, tok_fp: str, rows: PackedRows, k: int) -> str:
-    return hashlib.sha256(f"{teacher_hash}|{tok_fp}|{rows_fingerprint(rows)}|k={k}".encode()).hexdigest()
+def cache_key(teacher_hash: str, tok_fp: str, rows: PackedRows, k: int, teacher_load: str = "") -> str:
+    """Everything a cache's contents depend on: teacher weights, how they were loaded (dtype,
+    quantization: a bf16 or 4-bit teacher ranks its top-k differently), tokenizer, rows, k."""
+    load = f"|{teacher_load}" if teacher_load else ""
+    return hashlib.sha256(f"{teacher_hash}|{tok_fp}|{rows_fingerprint(rows)}|k={k}{load}".encode()).hexdigest()
+
+
+def teacher_load_key(spec) -> str:
+    """How a teacher ModelSpec is loaded, as part of a cache key."""
+    return f"dtype={spec.dtype}|quantize={spec.quantize}"
 
 
 def _sha256(path: Path) -> str:

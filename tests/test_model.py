@@ -79,3 +79,16 @@ def test_embedded_default_converts_once_and_is_trainable():
     out.loss.backward()  # trainable: the GGUF quantizer was dropped
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
     assert load_model("smollm2-135m").base_hash == model.base_hash  # converted once, hash cached
+
+
+def test_a_materialized_preset_is_rebuilt_when_its_definition_changes(monkeypatch, cogcore_home):
+    from cogcore.train import model as model_mod
+    first = model_mod.resolve("tiny-llama")
+    hash_before = model_mod.base_hash(first)
+    changed = {**model_mod.TINY_PRESETS["tiny-llama"], "intermediate_size": 96}
+    monkeypatch.setitem(model_mod.TINY_PRESETS, "tiny-llama", changed)
+    again = model_mod.resolve("tiny-llama")
+    assert json.loads((again / "config.json").read_text())["intermediate_size"] == 96
+    assert model_mod.base_hash(again) != hash_before
+    monkeypatch.undo()
+    assert json.loads((model_mod.resolve("tiny-llama") / "config.json").read_text())["intermediate_size"] == 128

@@ -182,6 +182,16 @@ def check_config(path: Path, state: dict, new_flat: dict, force: bool) -> list[t
     return changes
 
 
+def check_resume(run_dir: Path, train_cfg, run_config: dict | None) -> None:
+    """The resume check of :func:`~cogcore.train.loop.train`, for a recipe to run before its
+    expensive part (pruning, a teacher cache), so a refused resume costs nothing."""
+    from dataclasses import asdict
+    ckpt = latest_checkpoint(run_dir) if train_cfg.resume != "never" else None
+    if ckpt is not None:
+        check_config(ckpt, read_state(ckpt), resume_config(asdict(train_cfg), run_config),
+                     force=train_cfg.resume == "force")
+
+
 def load(path: Path, module, optimizer, scheduler, di: DistInfo, base_hash: str | None, engine=None) -> dict:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,

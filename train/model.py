@@ -123,15 +123,20 @@ def _embedded_gguf() -> Path:
     return path
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place (a killed build leaves no half dir)."""
-    if (final / ".complete").is_file():
+def _atomic_dir(final: Path, build, key: dict | None = None) -> Path:
+    """Build a directory in a temp sibling and rename it into place (a killed build leaves no half dir).
+
+    ``key`` is everything the directory's contents depend on; it is written into the
+    ``.complete`` marker, and a directory built from another key is rebuilt, not reused."""
+    marker = json.dumps(key or {}, sort_keys=True) + "\n"
+    done = final / ".complete"
+    if done.is_file() and done.read_text() == marker:
         return final
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build(tmp)
-    (tmp / ".complete").write_text("ok\n")
+    (tmp / ".complete").write_text(marker)
     if final.exists():
         shutil.rmtree(final)
     try:
@@ -154,7 +159,10 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "cogcore_source.json").write_text(json.dumps({"gguf": str(gguf.name)}))
-    return _atomic_dir(out, build)
+    import transformers
+    st = gguf.stat()
+    return _atomic_dir(out, build, {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                    "transformers": transformers.__version__})
 
 
 def tiny_tokenizer():
@@ -192,7 +200,8 @@ def _materialize_tiny(name: str, seed: int, ws: Workspace) -> Path:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return _atomic_dir(ws.models / f"{name}-seed{seed}", build)
+    return _atomic_dir(ws.models / f"{name}-seed{seed}", build,
+                       {"preset": TINY_PRESETS[name], "vocab": TINY_VOCAB, "seed": seed, "torch": torch.__version__})
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import check_resume
 from .config import field
 from .data import DataConfig, load_documents, pack
 from .distributed import DistInfo, barrier, setup
@@ -60,6 +61,7 @@ def add_lora(model, cfg: LoraConfig):
 def run(cfg: SFTConfig, di: DistInfo | None = None, stop_after: int | None = None) -> TrainResult:
     di = di or setup()
     run_dir = workspace_run_dir(cfg.name, cfg.out)
+    check_resume(run_dir, cfg.train, asdict(cfg))  # before loading anything
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)

@@ -173,3 +173,45 @@ def test_heldout_kl_label_says_what_the_number_is(tmp_path):
     assert "lower bound" in recipe.heldout_kl_kind(make(tmp_path, "loss.topk_tail=bucket"), live=False)
     renorm = recipe.heldout_kl_kind(make(tmp_path, "loss.topk_tail=renorm"), live=False)
     assert "lower bound" not in renorm and "not a bound" in renorm
+
+
+def test_a_pruned_student_is_never_reused_for_another_prune_config(tmp_path):
+    from cogcore.train.distributed import DistInfo
+    run = tmp_path / "run"
+    two = recipe.make_student(make(tmp_path), run, DistInfo())
+    assert two.config.num_hidden_layers == 2
+    three = recipe.make_student(make(tmp_path, "student.prune.layers=3"), run, DistInfo())
+    assert three.config.num_hidden_layers == 3
+    again = recipe.make_student(make(tmp_path, "student.prune.layers=3"), run, DistInfo())
+    assert again.base_hash == three.base_hash  # same settings: reused, not pruned again
+    recipe.make_student(make(tmp_path, "student.prune.layers=3", "data.seed=5"), run, DistInfo())
+    report = json.loads((run / "student-init" / "prune_report.json").read_text())
+    assert report["data"]["seed"] == 5  # measured again on the other calibration documents
+
+
+def test_teacher_cache_is_keyed_by_the_teacher_dtype_and_quantization(tmp_path):
+    from cogcore.distill.recipe import load_rows, teacher_caches
+    from cogcore.distill.teacher import cache_key, teacher_load_key
+    from cogcore.train.distributed import DistInfo
+    from cogcore.train.model import ModelSpec, load_tokenizer
+    cfg32 = make(tmp_path, "data.builtin_size=40", "data.eval_documents=0", "cache.k=8")
+    cfg16 = make(tmp_path, "data.builtin_size=40", "data.eval_documents=0", "cache.k=8", "teacher.dtype=bfloat16")
+    tok = load_tokenizer(cfg32.teacher)
+    rows, _ = load_rows(cfg32, tok)
+    c32 = teacher_caches(cfg32, tok, rows, None, DistInfo())["train"]
+    c16 = teacher_caches(cfg16, tok, rows, None, DistInfo())["train"]
+    assert c32.root != c16.root
+    assert not torch.equal(c32.lookup(torch.arange(4))[1], c16.lookup(torch.arange(4))[1])
+    nf4 = teacher_load_key(ModelSpec(source="tiny-llama-wide", quantize="nf4"))
+    assert cache_key("h", "t", rows, 8, nf4) != cache_key("h", "t", rows, 8, teacher_load_key(cfg32.teacher))
+
+
+def test_a_changed_config_is_refused_before_pruning(tmp_path, monkeypatch):
+    recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=2", "train.save_every=1"))
+
+    def no_prune(*a, **kw):
+        raise AssertionError("pruned before the resume check")
+
+    monkeypatch.setattr(recipe, "prune_to_dir", no_prune)
+    with pytest.raises(CogcoreError, match=r"student.prune.layers 2 -> 3"):
+        recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=2", "student.prune.layers=3"))
