@@ -1,0 +1,233 @@
+"""What consolidation drops before anything is trained on: junk ("brain rot") and duplicates.
+
+Junk is judged per episode, on what the user asked and what the agent did (the request and the
+actions; the environment's observations are its own business). Each named rule below looks at
+one text and says whether it is junk; the first rule that fires names the reason, so a report
+can say "engagement_bait dropped 12 episodes, for example: ...".
+
+  too_short        fewer than 2 words or 8 letters/digits ("lol ok", "+1", "👍")
+  engagement_bait  calls to like / subscribe / follow / share / comment, clickbait teasers, emoji walls
+  shouting         "!!!" / "???" runs, or mostly capital letters
+  repetitive       a word three times in a row, a phrase over and over, few distinct words, a
+                   text that compresses to almost nothing
+  templated        spam and boilerplate templates ("Click here to win", "as an AI language model")
+                   and unfilled placeholders ("Dear {name}", "[insert link]")
+  low_information  mostly filler words ("ok sure thanks"), mostly symbols, or keyboard mashing
+  perplexity       (optional, needs a model) the core model finds the text very unlikely
+
+Near-duplicates are found with MinHash LSH (datasketch) over character shingles and confirmed
+with the exact Jaccard similarity of the shingle sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import unicodedata
+import zlib
+from collections import Counter
+
+# ----------------------------------------------------------------------------- named rules
+
+_WORD = re.compile(r"[^\W_]+")   # letters and digits, any script
+
+_BAIT = re.compile("|".join([
+    r"\blike\b.{0,20}\b(subscribe|share|follow|comment)\b",
+    r"\bsubscribe (for|to (my|our)|now)\b", r"\bhit subscribe\b", r"\bsmash (that|the)\b", r"\bhit (that|the) (like|bell|subscribe|follow)",
+    r"\bfollow (me|us|for)\b", r"\bfor more (content|videos|tips|like this)\b", r"\blink in (my |the )?(bio|description)\b",
+    r"\btag (a|your) (friend|bestie|buddy)", r"\bshare (this|it) with\b", r"\bcomment (below|down below)\b",
+    r"\bdrop a (like|comment|follow)\b", r"\bdon'?t forget to (like|share|follow|comment)\b",
+    r"\byou won'?t believe\b", r"\bwhat happens next\b", r"\bstay tuned\b", r"\bturn on (post )?notifications\b",
+    r"\bcheck out my\b", r"\bdm me\b", r"\bgoing viral\b", r"\bmust[- ]watch\b",
+    r"\bsmash\b.{0,10}\bbutton\b",
+]), re.IGNORECASE)
+
+_TEMPLATES = re.compile("|".join([
+    r"\bclick (here|the link|below|now)\b", r"\bwin (a |an )?(free|big|cash|prize|\$|iphone|gift)", r"\byou('ve| have) (won|been selected)\b",
+    r"\bcongratulations\b.{0,40}\b(won|winner|selected|chosen)\b", r"\blimited[- ]time (offer|only|deal)\b", r"\bact now\b",
+    r"\b(buy|call|sign up) now\b", r"\b100% (free|guaranteed)\b",
+    r"\bfree (gift|money|followers|likes|iphone)\b", r"\bearn \$?\d+.{0,10}\b(a|per) (day|week|hour)\b",
+    r"\bwork from home\b", r"\brisk[- ]free\b", r"\bclaim (your|it now|now)\b", r"\$\$\$", r"\bbit\.ly/|\btinyurl\.",
+    r"\bas an ai (language )?model\b", r"\blorem ipsum\b",
+    r"\{\{?\s*[A-Za-z_]+\s*\}?\}", r"\[(insert|your|name|link|placeholder)[^\]]*\]", r"<(placeholder|insert)[^>]*>",
+]), re.IGNORECASE)
+
+_FILLER = frozenset("""ok okay k kk lol lmao rofl haha hahaha hehe yeah yea ya yes yep yup no nope nah sure
+cool nice wow omg idk hmm hm mm meh whatever fine great good thanks thank thx ty bye hi hello hey
+u ur too me it this that so just like really very and the a is same agreed true well oh ah
+right gotcha alright lit fr bruh""".split())
+
+_MASH = re.compile(r"[bcdfghjklmnpqrstvwxz]{6,}", re.IGNORECASE)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _is_emoji(ch: str) -> bool:
+    return unicodedata.category(ch) == "So" or 0x1F000 <= ord(ch) <= 0x1FAFF
+
+
+def too_short(text: str) -> bool:
+    return len(_words(text)) < 2 or sum(ch.isalnum() for ch in text) < 8
+
+
+def engagement_bait(text: str) -> bool:
+    if _BAIT.search(text):
+        return True
+    emojis = sum(_is_emoji(ch) for ch in text)
+    return emojis >= 3 or (emojis and emojis / max(1, len(text.strip())) > 0.15)
+
+
+def shouting(text: str) -> bool:
+    if re.search(r"[!?]{3,}", text):
+        return True
+    letters = [ch for ch in text if ch.isalpha()]
+    return len(letters) >= 12 and sum(ch.isupper() for ch in letters) / len(letters) > 0.7
+
+
+def repetitive(text: str) -> bool:
+    words = _words(text)
+    if re.search(r"\b(\w+)(\W+\1\b){2,}", text.lower()):          # "great great great"
+        return True
+    if re.search(r"([^\W\d_])\1{4,}|([!?.*~])\2{5,}", text):         # "sooooo", "......"
+        return True
+    if len(words) >= 6 and len(set(words)) / len(words) < 0.5:
+        return True
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    if trigrams and trigrams.most_common(1)[0][1] >= 3:            # a phrase said three times
+        return True
+    raw = text.encode("utf-8", errors="replace")
+    return len(raw) >= 120 and len(zlib.compress(raw, 9)) / len(raw) < 0.3
+
+
+def templated(text: str) -> bool:
+    return bool(_TEMPLATES.search(text))
+
+
+def low_information(text: str) -> bool:
+    words = _words(text)
+    if words and sum(w in _FILLER for w in words) / len(words) >= 0.8:
+        return True
+    if re.search(r"https?://|\w\(", text):   # URLs and tool calls may be mostly symbols and consonants
+        return False
+    visible = [ch for ch in text if not ch.isspace()]
+    if visible and sum(ch.isalpha() for ch in visible) / len(visible) < 0.4:
+        return True
+    return bool(_MASH.search(text))
+
+
+RULES = {
+    "too_short": too_short,
+    "engagement_bait": engagement_bait,
+    "shouting": shouting,
+    "repetitive": repetitive,
+    "templated": templated,
+    "low_information": low_information,
+}
+RULE_NAMES = tuple(RULES) + ("perplexity",)
+
+
+def junk_rule(text: str, rules=tuple(RULES)) -> str | None:
+    """The first named rule (in ``rules``) that calls ``text`` junk, or None."""
+    for name in rules:
+        if name in RULES and RULES[name](text):
+            return name
+    return None
+
+
+def judge_episode(texts: list[str], rules=tuple(RULES)) -> tuple[str, str] | None:
+    """(rule, offending text) for the first junk text of an episode, or None if it is all fine."""
+    for text in texts:
+        rule = junk_rule(text, rules)
+        if rule:
+            return rule, text
+    return None
+
+
+# ----------------------------------------------------------------------------- model score
+
+class PerplexityScorer:
+    """Perplexity of each text under a causal LM (the core): exp(mean next-token loss), the first
+    token predicted from BOS. Junk the core has never seen anything like scores high."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_tokens: int = 256):
+        self.model, self.tok = model.eval(), tokenizer
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+
+    @classmethod
+    def load(cls, source: str, batch_size: int = 8) -> PerplexityScorer:
+        from ..train.model import load_model, load_tokenizer
+        return cls(load_model(source), load_tokenizer(source), batch_size)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        import torch
+        start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        ids = [[start] + self.tok(t, add_special_tokens=False).input_ids[: self.max_tokens] for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))   # similar lengths share a batch
+        out = [math.inf] * len(ids)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b: b + self.batch_size]
+                T = max(len(ids[i]) for i in idx)
+                x = torch.full((len(idx), T), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), T), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    x[r, : len(ids[i])] = torch.tensor(ids[i])
+                    mask[r, : len(ids[i])] = 1
+                logits = self.model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
+                nll = torch.nn.functional.cross_entropy(                     # (B, T-1): token t+1 from 0..t
+                    logits[:, :-1].transpose(1, 2), x[:, 1:].to(device), reduction="none")
+                m = mask[:, 1:].to(device).float()
+                mean = (nll * m).sum(1) / m.sum(1).clamp(min=1)
+                for r, i in enumerate(idx):
+                    out[i] = float(torch.exp(mean[r]).cpu())
+        return out
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def shingles(text: str, k: int) -> set[bytes]:
+    t = normalize(text)
+    if len(t) <= k:
+        return {t.encode("utf-8", errors="replace")}
+    return {t[i: i + k].encode("utf-8", errors="replace") for i in range(len(t) - k + 1)}
+
+
+class Deduplicator:
+    """Keeps the first of each group of (near-)identical texts, in the order they are offered.
+
+    ``seen(key, text)`` returns None for a new text, else the key of the earlier one it repeats and
+    whether exactly ("exact") or nearly ("near": Jaccard of character shingles >= threshold)."""
+
+    def __init__(self, threshold: float = 0.85, shingle_chars: int = 5, num_perm: int = 128, seed: int = 1):
+        from datasketch import MinHashLSH
+        self.threshold, self.k, self.num_perm, self.seed = threshold, shingle_chars, num_perm, seed
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.exact: dict[str, str] = {}
+        self.sets: dict[str, set[bytes]] = {}
+
+    def seen(self, key: str, text: str) -> tuple[str, str] | None:
+        from datasketch import MinHash
+        digest = hashlib.sha256(normalize(text).encode("utf-8", errors="replace")).hexdigest()
+        if digest in self.exact:
+            return self.exact[digest], "exact"
+        sh = shingles(text, self.k)
+        mh = MinHash(num_perm=self.num_perm, seed=self.seed)
+        mh.update_batch(sorted(sh))
+        # LSH gives candidates; the exact Jaccard decides (and sorting keeps the choice deterministic).
+        for other in sorted(self.lsh.query(mh)):
+            theirs = self.sets[other]
+            if len(sh & theirs) / len(sh | theirs) >= self.threshold:
+                return other, "near"
+        self.exact[digest] = key
+        self.sets[key] = sh
+        self.lsh.insert(key, mh)
+        return None
