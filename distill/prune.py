@@ -329,8 +329,9 @@ def prune_to_dir(teacher_spec: ModelSpec | str, out_dir: str | Path, cfg: PruneC
     spec = teacher_spec if isinstance(teacher_spec, ModelSpec) else ModelSpec(source=str(teacher_spec))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(spec)
+    batches = calibration_batches(tokenizer, data_cfg, cfg)  # a data problem shows before the teacher loads
+    print(f"pruning {spec.source}: loading it, then {len(batches)} calibration batches", flush=True)
     teacher = load_model(spec).to(device)
-    batches = calibration_batches(tokenizer, data_cfg, cfg)
     student, report = prune_model(teacher, batches, cfg)
     out_dir = Path(out_dir)
     student_hash = save_model(student.to("cpu"), tokenizer, out_dir)

@@ -24,7 +24,7 @@ from ..train.checkpoint import check_resume
 from ..train.config import CogcoreError, field, save_config
 from ..train.data import DataConfig, load_documents, make_batch, pack
 from ..train.distributed import DistInfo, barrier, setup
-from ..train.loop import TrainConfig, TrainResult, print_summary, train
+from ..train.loop import TrainConfig, TrainResult, check_rows_fit, print_summary, train
 from ..train.model import ModelSpec, base_hash, count_params, load_model, load_tokenizer, resolve, save_model
 from ..train.workspace import get_workspace, run_dir
 from .losses import DistillLoss, LossConfig, heldout_kl
@@ -131,6 +131,24 @@ def make_student(cfg: DistillConfig, run_dir: Path, di: DistInfo):
         save_model(model, load_tokenizer(cfg.teacher), init_dir)
     barrier()
     return load_model(ModelSpec(source=str(init_dir)))
+
+
+def check_student_source(cfg: DistillConfig, teacher_tok) -> None:
+    """student.init=model: the student must share the teacher's vocabulary (checked from the
+    tokenizer and config files, before any weights are loaded). Pruned and fresh students are
+    built from the teacher's, so they always do."""
+    if cfg.student.init != "model":
+        return
+    from transformers import AutoConfig
+    spec = ModelSpec(source=cfg.student.source, dtype=cfg.teacher.dtype)
+    student_tok = load_tokenizer(spec)
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        check_same_tokenizer(teacher_tok, student_tok)
+    vt = AutoConfig.from_pretrained(resolve(cfg.teacher)).vocab_size
+    vs = AutoConfig.from_pretrained(resolve(spec)).vocab_size
+    if vt != vs:
+        raise CogcoreError(f"the teacher has {vt} output logits and the student ({cfg.student.source}) {vs}; they must "
+                           "match (resize the student's embeddings to the teacher's).")
 
 
 def prune_key(cfg: DistillConfig) -> str:
@@ -242,6 +260,11 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
 
     tokenizer = load_tokenizer(cfg.teacher)
     rows, eval_rows = load_rows(cfg, tokenizer)
+    # What can be checked cheaply is checked before pruning, a teacher cache or a training step.
+    check_rows_fit(len(rows), cfg.train, di.world_size)
+    check_student_source(cfg, tokenizer)
+    if cfg.teacher_mode == "cache" and not cfg.cache.build_if_missing:
+        teacher_caches(cfg, tokenizer, rows, eval_rows, di, build="never")  # opens the indexes, or explains
     student = make_student(cfg, run_dir, di)
     student_init_hash = student.base_hash  # save_model re-stamps base_hash with the trained weights
     student_tok = load_tokenizer(ModelSpec(source=student.source_dir))

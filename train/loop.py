@@ -212,6 +212,15 @@ def evaluate(module: nn.Module, rows: PackedRows, micro_batch: int, di: DistInfo
     return float(loss_sum / weight.clamp_min(1e-9))
 
 
+def check_rows_fit(n_rows: int, cfg: TrainConfig, world_size: int = 1) -> None:
+    """One optimizer step needs micro_batch x grad_accum x processes rows; say so before any work."""
+    need = cfg.micro_batch * cfg.grad_accum * world_size
+    if n_rows < need:
+        raise CogcoreError(f"the dataset packs into {n_rows} rows but one step needs {need} "
+                           f"(micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} x {world_size} processes); "
+                           "add data, shorten data.seq_len or lower the batch size")
+
+
 def train(
     module: nn.Module,
     rows: PackedRows,
@@ -236,10 +245,7 @@ def train(
     barrier()
     torch.manual_seed(cfg.seed)
     plan = BatchPlan(len(rows), cfg.micro_batch, cfg.grad_accum, di.world_size, cfg.seed)
-    if len(rows) < plan.global_batch:
-        raise CogcoreError(f"the dataset packs into {len(rows)} rows but one step needs {plan.global_batch} "
-                           f"(micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} x {di.world_size} processes); "
-                           "add data, shorten data.seq_len or lower the batch size")
+    check_rows_fit(len(rows), cfg, di.world_size)
     module.to(di.device)
     if not any(p.requires_grad for p in module.parameters()):
         raise CogcoreError("the model has no trainable parameters")

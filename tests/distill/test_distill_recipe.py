@@ -215,3 +215,49 @@ def test_a_changed_config_is_refused_before_pruning(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "prune_to_dir", no_prune)
     with pytest.raises(CogcoreError, match=r"student.prune.layers 2 -> 3"):
         recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=2", "student.prune.layers=3"))
+
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """Pruning, building a teacher cache or loading the teacher fails the test: errors must come first."""
+    from cogcore.distill import prune
+    from cogcore.distill.teacher import TeacherCache
+
+    def expensive(*a, **kw):
+        raise AssertionError("the expensive part ran before the error")
+
+    monkeypatch.setattr(recipe, "prune_to_dir", expensive)
+    monkeypatch.setattr(TeacherCache, "build", expensive)
+    monkeypatch.setattr(prune, "load_model", expensive)
+
+
+def test_a_cache_mode_tokenizer_mismatch_is_found_before_pruning_or_caching(tmp_path, nothing_expensive):
+    from cogcore.train.model import load_model, load_tokenizer, save_model
+    tok = load_tokenizer("tiny-llama")
+    tok.add_tokens(["<extra_token>"])
+    save_model(load_model("tiny-llama"), tok, tmp_path / "odd-student")
+    cfg = make(tmp_path, "teacher_mode=cache", "student.init=model", f"student.source={tmp_path / 'odd-student'}")
+    with pytest.raises(CogcoreError, match="tokenizers differ.*one vocabulary"):
+        recipe.run(cfg)
+
+
+def test_too_little_data_for_one_step_is_found_before_pruning(tmp_path, nothing_expensive):
+    cfg = make(tmp_path, "teacher_mode=cache", "data.builtin_size=20", "data.eval_documents=2", "train.micro_batch=64")
+    with pytest.raises(CogcoreError, match="one step needs 64"):
+        recipe.run(cfg)
+
+
+def test_a_missing_cache_without_build_is_found_before_pruning(tmp_path, nothing_expensive):
+    cfg = make(tmp_path, "teacher_mode=cache", "cache.build_if_missing=false", "data.seed=11")
+    with pytest.raises(CogcoreError, match="no teacher cache.*distill cache"):
+        recipe.run(cfg)
+
+
+def test_a_missing_data_file_is_found_before_the_teacher_loads(tmp_path, nothing_expensive, monkeypatch):
+    from cogcore.distill import prune
+    cfg = make(tmp_path, f"data.source={tmp_path / 'none.jsonl'}")
+    with pytest.raises(CogcoreError, match="does not exist"):
+        recipe.run(cfg)
+    monkeypatch.setattr(recipe, "prune_to_dir", prune.prune_to_dir)  # `distill prune`: prunes, teacher load fails
+    with pytest.raises(CogcoreError, match="does not exist"):
+        recipe.run_prune(cfg)
