@@ -39,6 +39,7 @@ phase's model is kept in ``DIR/seed-N/<phase>/model``; a rerun skips finished ph
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -132,6 +133,10 @@ class ExperimentConfig:
             raise ValueError(f"seeds={self.seeds}: give one or more distinct seeds, e.g. [0,1,2]")
         if self.eval_n < 1 or self.threads < 1:
             raise ValueError("eval_n and threads must be >= 1")
+        for phase in ("reader", "teacher", "train"):
+            if getattr(self, phase).eval_every:
+                raise ValueError(f"{phase}.eval_every does nothing here (the phases hold out no rows; the eval step "
+                                 "scores every model at the end): leave it at 0")
         if self.seq_len < 64:
             raise ValueError(f"seq_len={self.seq_len}: a world record needs up to ~120 tokens; use >= 64")
         if self.quick:
@@ -141,17 +146,35 @@ class ExperimentConfig:
         """The quick size: a world of 24 seen people, a 2-layer model and a few hundred steps in all.
 
         Too short for the reader to learn lookup; enough for the teacher to memorise part of the
-        world and for the direction (plain KD recites, core does not) to show."""
-        self.world = WorldConfig(n_seen=24, n_unseen=24, n_throwaway=48, n_values=6)
-        self.net = NetConfig(hidden_size=64, layers=2, heads=4, intermediate_size=192)
-        self.mixture = replace(self.mixture, facts=200, closed_book=200, open_book=200, procedures=40,
-                               reader_open_book=200, reader_procedures=20)
-        self.seq_len = 128
-        self.reader = _train_cfg(20, 3e-3, 8, 5)
-        self.teacher = _train_cfg(500, 3e-3, 8, 10)
-        self.train = _train_cfg(250, 3e-3, 8, 10)
-        self.eval_n = min(self.eval_n, 60)
-        self.threads = 1
+        world and for the direction (plain KD recites, core does not) to show. Only values still
+        at their full-size default take the quick size: a key the user set (``quick=true
+        train.max_steps=50``) keeps the user's value."""
+        full = ExperimentConfig.__new__(ExperimentConfig)  # the full-size defaults, without __post_init__
+        for f in dataclasses.fields(ExperimentConfig):
+            setattr(full, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        quick = {
+            "world": WorldConfig(n_seen=24, n_unseen=24, n_throwaway=48, n_values=6),
+            "net": NetConfig(hidden_size=64, layers=2, heads=4, intermediate_size=192),
+            "mixture": replace(full.mixture, facts=200, closed_book=200, open_book=200, procedures=40,
+                               reader_open_book=200, reader_procedures=20),
+            "seq_len": 128,
+            "reader": _train_cfg(20, 3e-3, 8, 5),
+            "teacher": _train_cfg(500, 3e-3, 8, 10),
+            "train": _train_cfg(250, 3e-3, 8, 10),
+            "eval_n": 60,
+            "threads": 1,
+        }
+        for name, small in quick.items():
+            setattr(self, name, _keep_overrides(getattr(self, name), getattr(full, name), small))
+
+
+def _keep_overrides(current, full_default, quick):
+    """``quick``, except where ``current`` differs from the full-size default (a user's value)."""
+    if dataclasses.is_dataclass(current):
+        return replace(quick, **{f.name: _keep_overrides(getattr(current, f.name), getattr(full_default, f.name),
+                                                         getattr(quick, f.name))
+                                 for f in dataclasses.fields(current) if f.init})
+    return quick if current == full_default else current
 
 
 # ----------------------------------------------------------------------------- steps

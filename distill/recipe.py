@@ -93,6 +93,15 @@ class DistillConfig:
     def __post_init__(self):
         if self.student.init == "model" and not self.student.source:
             raise ValueError("student.init=model needs student.source (a preset, HF directory or .gguf file)")
+        if self.student.init != "model" and self.student.source:
+            raise ValueError(f"student.source={self.student.source} is only read with student.init=model "
+                             f"(student.init is {self.student.init}): set student.init=model or drop student.source")
+        if self.student.init != "config" and self.student.overrides:
+            raise ValueError(f"student.overrides is only read with student.init=config (student.init is "
+                             f"{self.student.init}): set student.init=config or drop student.overrides")
+        if self.train.eval_every and not self.data.eval_documents:
+            raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out documents: set "
+                             "data.eval_documents (or train.eval_every=0)")
         if self.teacher_mode == "on-policy" and self.data.packing:
             self.data.packing = False  # on-policy rows hold one prompt each
 
@@ -311,7 +320,8 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
               + (f", held-out KL {kl_start:.4f}" if kl_start is not None else ""), flush=True)
 
     module = DistillLoss(student, cfg.loss, teacher_weight)
-    result = train(module, rows, cfg.train, run_dir, di, eval_rows=None, prepare_batch=prepare,
+    # eval_rows: the loop logs the held-out distillation loss every train.eval_every steps and at the end
+    result = train(module, rows, cfg.train, run_dir, di, eval_rows=eval_rows, prepare_batch=prepare,
                    base_hash=getattr(student, "base_hash", None), run_config=asdict(cfg), stop_after=stop_after)
     if result.steps < cfg.train.max_steps:
         return result
@@ -332,7 +342,7 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
             "teacher": cfg.teacher.source, "teacher_hash": teacher_hash, "teacher_params": params_in_dir(teacher_dir),
             "student_params": count_params(student), "base_hash": out_hash, "student_init_hash": student_init_hash,
             "teacher_mode": cfg.teacher_mode, "loss": cfg.loss.kind,
-            "heldout_kl_start": kl_start, "heldout_kl_end": kl_end,
+            "heldout_kl_start": kl_start, "heldout_kl_end": kl_end, "heldout_loss": result.eval_loss,
             "heldout_kl_kind": heldout_kl_kind(cfg, live is not None),
             "world_size": di.world_size, "strategy": di.strategy, "resumed_from": result.resumed_from,
         }

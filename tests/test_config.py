@@ -94,3 +94,15 @@ def test_non_finite_number_in_a_yaml_file(tmp_path):
     f.write_text("train:\n  lr: .nan\n")
     with pytest.raises(ConfigError, match="train.lr: got nan, expected a finite number"):
         load_config(SFTConfig, f)
+
+
+def test_one_nested_key_keeps_the_rest_of_the_sections_own_default():
+    """ExperimentConfig.train defaults to lr=2e-3, micro_batch=8 (not TrainConfig's): setting
+    train.max_steps alone must not reset them to the class defaults."""
+    from cogcore.distill.cognitive_core import ExperimentConfig
+    default = ExperimentConfig().train
+    cfg = load_config(ExperimentConfig, None, ["train.max_steps=7"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == default.lr == 2e-3 and cfg.train.micro_batch == 8
+    assert cfg.train.progress is False and cfg.loss.kind == "forward_kl"
+    cfg = load_config(ExperimentConfig, None, ["loss.temperature=2"])
+    assert cfg.loss.kind == "forward_kl" and cfg.loss.temperature == 2.0  # not LossConfig's default jsd

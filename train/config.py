@@ -130,9 +130,35 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
+def _section_defaults(f: dataclasses.Field) -> dict:
+    """The default of a nested section as a mapping, so ``train.max_steps=7`` changes that one
+    key of a section whose default is not its class's (e.g. ``default_factory=lambda: TrainConfig(lr=2e-3)``)."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    if not dataclasses.is_dataclass(default):
+        return {}
+    return {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and dataclasses.is_dataclass(out.get(k)):
+            sub = {g.name: getattr(out[k], g.name) for g in dataclasses.fields(out[k]) if g.init}
+            out[k] = _merge(sub, v)
+        else:
+            out[k] = v
+    return out
+
+
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = _field_names(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -141,6 +167,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'.{hint} Allowed keys here: {', '.join(prefix + n for n in names)}."
             )
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            value = _merge(_section_defaults(fields[key]), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)

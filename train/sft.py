@@ -49,6 +49,11 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig, help="the training loop")
     lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA adapter (r=0: full fine-tuning)")
 
+    def __post_init__(self):
+        if self.train.eval_every and not self.data.eval_documents:
+            raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out documents: set "
+                             "data.eval_documents (or train.eval_every=0)")
+
 
 def add_lora(model, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig

@@ -120,6 +120,20 @@ def test_mismatched_tokenizer_is_explained_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_keys_that_do_nothing_are_rejected_or_wired(tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_every=2 needs held-out documents"):
+        make(tmp_path, "data.eval_documents=0", "train.eval_every=2")
+    with pytest.raises(ConfigError, match="student.source=x is only read with student.init=model"):
+        make(tmp_path, "student.source=x")
+    with pytest.raises(ConfigError, match="student.overrides is only read with student.init=config"):
+        make(tmp_path, "student.overrides={num_hidden_layers: 1}")
+    res = recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=4", "train.eval_every=2"))
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout_loss"] == res.eval_loss and res.eval_loss > 0
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="student.init=model needs student.source"):
         load_config(DistillConfig, None, ["student.init=model"])

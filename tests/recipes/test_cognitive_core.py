@@ -54,3 +54,20 @@ def test_experiment_config_is_checked():
         load_config(ExperimentConfig, None, ["net.hidden_size=100", "net.heads=3"])
     with pytest.raises(ConfigError, match="core.recall_masking"):
         load_config(ExperimentConfig, None, ["core.recall_masking=maybe"])
+
+
+def test_quick_keeps_the_users_other_overrides():
+    cfg = load_config(ExperimentConfig, None, ["quick=true", "train.max_steps=7", "net.layers=3", "eval_n=20",
+                                               "world.n_values=5"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 3e-3 and cfg.train.warmup_steps == 10  # rest: quick
+    assert cfg.net.layers == 3 and cfg.net.hidden_size == 64
+    assert cfg.eval_n == 20 and cfg.world.n_values == 5 and cfg.world.n_seen == 24
+    assert cfg.teacher.max_steps == 500 and cfg.mixture.facts == 200
+    # the shipped YAML holds the full-size values: quick=true on top of it is the quick size
+    q = load_config(ExperimentConfig, CONFIG_DIR / "experiment" / "cognitive-core.yaml", ["quick=true"])
+    assert q.train.max_steps == 250 and q.net.layers == 2 and q.eval_n == 60
+
+
+def test_keys_that_do_nothing_are_rejected():
+    with pytest.raises(ConfigError, match="reader.eval_every does nothing here"):
+        load_config(ExperimentConfig, None, ["reader.eval_every=5"])
