@@ -275,6 +275,7 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
     if cfg.teacher_mode == "cache" and not cfg.cache.build_if_missing:
         teacher_caches(cfg, tokenizer, rows, eval_rows, di, build="never")  # opens the indexes, or explains
     student = make_student(cfg, run_dir, di)
+    student.to(di.device)  # before the held-out KL, on-policy sampling or the loop use it
     student_init_hash = student.base_hash  # save_model re-stamps base_hash with the trained weights
     student_tok = load_tokenizer(ModelSpec(source=student.source_dir))
     teacher_dir = resolve(cfg.teacher)

@@ -275,3 +275,26 @@ def test_a_missing_data_file_is_found_before_the_teacher_loads(tmp_path, nothing
     monkeypatch.setattr(recipe, "prune_to_dir", prune.prune_to_dir)  # `distill prune`: prunes, teacher load fails
     with pytest.raises(CogcoreError, match="does not exist"):
         recipe.run_prune(cfg)
+
+
+def test_every_model_is_on_the_device_before_the_heldout_kl(tmp_path, monkeypatch):
+    """On a GPU the held-out batches are on CUDA: the student must be there before the first KL.
+    Checked here with the meta device standing in for CUDA (no arithmetic runs on it; the cached
+    teacher's lookup copies row ids to the CPU, which meta cannot, so the live teacher stands in)."""
+    from cogcore.train.distributed import DistInfo
+    from cogcore.train.loop import TrainResult
+    seen = []
+
+    def record(student, batches, teacher_weight, topk_tail="bucket"):
+        seen.append((next(student.parameters()).device.type, {b["input_ids"].device.type for b in batches},
+                     teacher_weight.device.type))
+        return 1.0
+
+    def stop(module, rows, cfg, run_dir, di, **kw):
+        seen.append(("loop", next(module.parameters()).device.type))
+        return TrainResult(0, 0.0, float("nan"), [], None, 0.0, 0.0, None, str(run_dir))
+
+    monkeypatch.setattr(recipe, "heldout_kl", record)
+    monkeypatch.setattr(recipe, "train", stop)
+    recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=2"), di=DistInfo(device=torch.device("meta")))
+    assert seen == [("meta", {"meta"}, "meta"), ("loop", "meta")]
