@@ -193,7 +193,9 @@ def measure_importance(model: nn.Module, calib_batches: list[dict]) -> Importanc
     tokens = 0
     try:
         from tqdm.auto import tqdm
-        for batch in tqdm(calib_batches, desc="calibrate", unit="batch", disable=None):
+        # disable=False: the bar shows in logs too (a non-terminal run was silent for minutes)
+        for batch in tqdm(calib_batches, desc="prune: calibrate (importance of layers, channels, heads)",
+                          unit="batch", disable=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             real["m"] = _real_tokens(batch)
             tokens += int(real["m"].sum())

@@ -314,6 +314,8 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
 
     prompts_all = _prompts(rows) if cfg.teacher_mode == "on-policy" else []
     held = [attach(b, "heldout") for b in _heldout_batches(eval_rows, cfg.train.micro_batch, di.device)]
+    if held and di.is_main:
+        print(f"distill: held-out KL of the initial student ({len(held)} batches)", flush=True)
     kl_start = heldout_kl(student, held, teacher_weight, cfg.loss.topk_tail) if held else None
     if di.is_main:
         print(f"distill: teacher {cfg.teacher.source} ({teacher_hash[:12]}), student {count_params(student):,} params, "

@@ -24,7 +24,8 @@ the argmax of the summed log-probability over the question's closed value set â€
 value, so it is never below chance by formatting and reads higher on undertrained models.
 
 **Real-world probes** (:mod:`cogcore.eval.probes`), chat template when the tokenizer has one,
-greedy, ``max_new_tokens`` (default 48, so "J.K. Rowling" is not cut to "J.K. Row"):
+greedy, ``max_new_tokens`` (default 48, so "J.K. Rowling" is not cut to "J.K. Row"), each reply
+stopped at the end of its first line or sentence (:func:`first_sentence`; "J.K." is no sentence end):
 ``closed_book`` (question only), ``open_book`` (the supporting sentence first),
 ``follows_context_real`` / ``follows_memory_real`` (a false sentence first: names only the
 counterfact / only the true answer), ``language_drift_real`` (share of all replies not in
@@ -137,11 +138,46 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# A sentence ends at . ! or ? after a lowercase letter, digit or closing mark, then a space:
+# "Canberra. It is" ends after "Canberra."; the initials of "J.K. Rowling" do not end one.
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9\)\]\"'â€™])[.!?](?=\s)")
+
+
+def first_sentence(text: str) -> str:
+    """The reply up to the end of its first line or first sentence (leading blank lines skipped)."""
+    body = text.lstrip()
+    cut = len(body)
+    nl = body.find("\n")
+    if nl >= 0:
+        cut = nl
+    m = _SENTENCE_END.search(body, 0, cut)
+    if m:
+        cut = m.end()
+    return text[: len(text) - len(body) + cut]
+
+
+class _StopAtFirstSentence:
+    """A stopping criterion: a row is done once its reply holds a complete first line or sentence."""
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.width:].tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            done.append(first_sentence(text) != text)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 16,
-             progress=None) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding, decoded without specials."""
-    from transformers import GenerationConfig
+             progress=None, stop_at_sentence: bool = False) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding, decoded without specials.
+
+    ``stop_at_sentence``: a row stops generating once it holds a whole first line or sentence,
+    and its reply is cut there (one-word answers do not pay for ``max_new_tokens``)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
     pad = _pad_id(tokenizer)
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
@@ -157,9 +193,13 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: 
             p = prompts[i]
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
+        stop = StoppingCriteriaList([_StopAtFirstSentence(tokenizer, width)]) if stop_at_sentence else None
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
+                             stopping_criteria=stop)
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(gen[r, width:].tolist(), skip_special_tokens=True)
+            if stop_at_sentence:
+                out[i] = first_sentence(out[i])
         if progress is not None:
             progress(len(idx))
     return out
@@ -264,45 +304,49 @@ def evaluate_core(model, tokenizer, *, world: World | None = None, probes: bool 
     })
     was_training = model.training
     model.eval()
-    total = (len(SYNTHETIC_METRICS) * n_per_metric if world is not None else 0) + 3 * len(probe_list)
     try:
-        with _progress(progress, total) as advance:
-            if world is not None:
-                t0 = time.perf_counter()
+        if world is not None:
+            t0 = time.perf_counter()
+            n_world = len(SYNTHETIC_METRICS) * n_per_metric
+            with _progress(progress, n_world, f"eval core: synthetic world ({n_world} questions)") as advance:
                 _evaluate_world(model, tokenizer, world, report, n_per_metric, batch_size, scoring, seed,
                                 n_samples, advance)
-                report.meta["seconds"]["world"] = round(time.perf_counter() - t0, 2)
-            if probe_list:
-                t0 = time.perf_counter()
-                use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-                report.meta["chat"] = use_chat
-                report.meta["max_new_tokens"] = max_new_tokens or 48
+            report.meta["seconds"]["world"] = round(time.perf_counter() - t0, 2)
+        if probe_list:
+            t0 = time.perf_counter()
+            use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+            report.meta["chat"] = use_chat
+            report.meta["max_new_tokens"] = max_new_tokens or 48
+            report.meta["stop"] = "first line or sentence"
+            n_probe = 3 * len(probe_list)
+            with _progress(progress, n_probe, f"eval core: real-world probes ({len(probe_list)} facts x 3 "
+                                              "conditions)") as advance:
                 _evaluate_probes(model, tokenizer, probe_list, report, max_new_tokens or 48, batch_size, use_chat,
                                  n_samples, advance)
-                report.meta["seconds"]["probes"] = round(time.perf_counter() - t0, 2)
+            report.meta["seconds"]["probes"] = round(time.perf_counter() - t0, 2)
     finally:
         model.train(was_training)
     return report
 
 
 class _progress:
-    """A rich progress bar over examples (or nothing), used as ``with _progress(on, total) as advance``."""
+    """A progress bar (rate, ETA) over one phase's prompts, or nothing; ``with _progress(on, n, what) as advance``.
 
-    def __init__(self, on: bool, total: int):
-        self.on, self.total, self.bar = on, total, None
+    tqdm writes to stderr even when it is not a terminal (logs, CI), where a rich live bar prints nothing."""
+
+    def __init__(self, on: bool, total: int, desc: str):
+        self.on, self.total, self.desc, self.bar = on, total, desc, None
 
     def __enter__(self):
         if not self.on:
             return lambda n: None
-        from rich.progress import Progress
-        self.bar = Progress(transient=True)
-        self.bar.start()
-        task = self.bar.add_task("eval core", total=self.total)
-        return lambda n: self.bar.advance(task, n)
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="prompt", dynamic_ncols=True, disable=False)
+        return self.bar.update
 
     def __exit__(self, *exc):
         if self.bar is not None:
-            self.bar.stop()
+            self.bar.close()
         return False
 
 
@@ -347,7 +391,7 @@ def _evaluate_probes(model, tokenizer, probes: list[Probe], report: EvalReport, 
             prompts.append(probe_prompt(tokenizer, p.question, getattr(p, attr) if attr else None, chat=chat))
             keys.append((cond, p))
     replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=advance)
+                       progress=advance, stop_at_sentence=True)
     if not chat:
         replies = [_cut_plain_reply(r) for r in replies]
     scored = [(cond, p, r.strip(), score_reply(p, r)) for (cond, p), r in zip(keys, replies)]
@@ -436,6 +480,7 @@ class EvalConfig:
     batch_size: int = field(16, help="prompts generated together (left padding)")
     scoring: Literal["greedy", "restricted"] = field("greedy", help="world answers: strict greedy word, or argmax over the value set")
     chat: Literal["auto", "yes", "no"] = field("auto", help="probe prompts as a chat turn: auto = when the tokenizer has a template")
+    device: str = field("auto", help="where the model runs: auto = cuda when a GPU is visible, else cpu; or cpu, cuda, cuda:1")
     seed: int = field(0, help="seed of the example sample")
     out: str = field("", help="folder for report.json and core.png (default <home>/runs/eval-core)")
 
@@ -449,8 +494,12 @@ class EvalConfig:
 def run(cfg: EvalConfig) -> EvalReport:
     """Load the model, run :func:`evaluate_core`, save ``report.json`` and ``core.png``, print the table."""
     out = Path(cfg.out).expanduser() if cfg.out else get_workspace().runs / "eval-core"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CogcoreError(f"device={cfg.device}: no CUDA device is visible; use device=auto or device=cpu")
+    print(f"eval core: loading {cfg.model.source} on {device}", flush=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, device=device)
     probes: bool | str = (cfg.probes_file or True) if cfg.probes else False
     report = evaluate_core(model, tokenizer, world=World(cfg.world) if cfg.use_world else None, probes=probes,
                            n_per_metric=cfg.n_per_metric, max_new_tokens=cfg.max_new_tokens,

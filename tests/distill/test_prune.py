@@ -174,3 +174,11 @@ def test_asking_for_more_than_the_teacher_has(batches):
         prune_model(model, batches, PruneConfig(kv_groups=3))
     with pytest.raises(CogcoreError, match="calibration batch"):
         prune_model(model, [], PruneConfig())
+
+
+def test_calibration_shows_a_bar_in_logs(batches, capsys):
+    from cogcore.distill.prune import measure_importance
+    from cogcore.train.model import load_model
+    measure_importance(load_model("tiny-llama-wide"), batches[:2])
+    err = capsys.readouterr().err
+    assert "prune: calibrate" in err and "2/2" in err

@@ -156,3 +156,73 @@ def test_run_from_a_config_with_overrides(tmp_path, monkeypatch):
     assert EvalReport.load(tmp_path / "out" / "report.json").meta["config"]["world"]["n_values"] == 4
     with pytest.raises(ValueError, match="nothing to measure"):
         EvalConfig(probes=False)
+
+
+def test_first_sentence_ends_replies_but_not_initials():
+    assert core.first_sentence("Canberra. It is in the ACT.") == "Canberra."
+    assert core.first_sentence(" Canberra\nQuestion: next") == " Canberra"
+    assert core.first_sentence("\n\nThe answer is Au. Gold is") == "\n\nThe answer is Au."
+    assert core.first_sentence("J.K. Rowling wrote it. She") == "J.K. Rowling wrote it."
+    assert core.first_sentence("It was 1945. Then") == "It was 1945."
+    assert core.first_sentence("Canberra") == "Canberra"  # nothing ended yet: keep generating
+
+
+def test_probe_replies_stop_at_the_first_sentence(tiny, monkeypatch):
+    """Generation stops once every row has a whole first sentence: far fewer than max_new_tokens."""
+    model, tok = tiny
+    target = tok(" Canberra. It is the capital and", add_special_tokens=False).input_ids
+    calls = {"steps": 0}
+
+    class Scripted(torch.nn.Module):  # always says `target`, one token per step
+        config = model.config
+        generation_config = model.generation_config
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, attention_mask, generation_config, stopping_criteria=None):
+            out = input_ids
+            for t in target[: generation_config.max_new_tokens]:
+                out = torch.cat([out, torch.full((out.shape[0], 1), t)], dim=1)
+                calls["steps"] += 1
+                if stopping_criteria is not None and all(stopping_criteria(out, None)):
+                    break
+            return out
+
+        def parameters(self):
+            return model.parameters()
+
+    replies = generate(Scripted(), tok, [probe_prompt(tok, "Capital of Australia?")], max_new_tokens=48,
+                       stop_at_sentence=True)
+    assert replies == [" Canberra."]
+    assert calls["steps"] == len(tok(" Canberra. ", add_special_tokens=False).input_ids)
+
+
+def test_eval_progress_shows_in_logs(tiny, world, capsys):
+    model, tok = tiny
+    evaluate_core(model, tok, world=world, probes=True, n_per_metric=2, max_new_tokens=4, progress=True)
+    err = capsys.readouterr().err
+    assert "eval core: synthetic world (12 questions)" in err and "eval core: real-world probes (2 facts" in err
+    assert "prompt/s" in err or "s/prompt" in err
+
+
+def test_eval_runs_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    from cogcore.eval.core import EvalConfig, run
+    from cogcore.train.config import load_config
+    monkeypatch.setenv("COGCORE_HOME", str(tmp_path / "home"))
+    asked = []
+    real_load = core.load_model
+
+    def load(spec, *a, device="cpu", **kw):
+        asked.append(str(device))
+        return real_load(spec)  # the CPU stands in for the GPU from here on
+
+    monkeypatch.setattr(core, "load_model", load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(EvalConfig, None, ["model.source=tiny-llama", "n_per_metric=1", "max_new_tokens=2",
+                                         f"out={tmp_path / 'out'}"])
+    run(cfg)
+    assert asked == ["cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run(cfg)
+    assert asked == ["cuda", "cpu"]
+    with pytest.raises(CogcoreError, match="no CUDA device is visible"):
+        run(load_config(EvalConfig, None, ["model.source=tiny-llama", "device=cuda"]))
