@@ -749,8 +749,8 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, *, engine: Engine | None = None, keys: KeyRing | None = None, registry=None):
         self.cfg = cfg
-        self.engine = engine if engine is not None else Engine(cfg.engine, registry)
         self.keys = keys if keys is not None else KeyRing.load(cfg.keys or None, os.environ.get("COGCORE_API_KEYS"))
+        self.engine = engine if engine is not None else Engine(cfg.engine, registry)
         self.app = create_app(self.engine, cfg, self.keys)
         self._sock: socket.socket | None = None
         self._server = None

@@ -22,18 +22,14 @@ from pathlib import Path
 
 from cogcore.train.config import CogcoreError
 
-from .app import ServeConfig
-from .engine import EngineConfig
-
 READY = "listening on "
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogcore serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    from cogcore.train.model import EMBEDDED_DEFAULT
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=EMBEDDED_DEFAULT, help="preset (smollm2-135m, tiny-llama), HF directory or .gguf")
+    g.add_argument("--model", default="smollm2-135m", help="preset (smollm2-135m, tiny-llama), HF directory or .gguf")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     g.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
                    help="serve a bitsandbytes-quantized base with the adapters on top")
@@ -67,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(a: argparse.Namespace) -> ServeConfig:
+def config_from_args(a: argparse.Namespace):
+    """The ServeConfig the flags describe (validated)."""
     from cogcore.train.model import ModelSpec
+
+    from .app import ServeConfig
+    from .engine import EngineConfig
     eng = EngineConfig(model=ModelSpec(source=a.model, dtype=a.dtype, quantize=a.quantize), device=a.device,
                        max_batch=a.max_batch, max_queue=a.max_queue, adapters_on_device=a.adapters_on_device,
                        cpu_adapters=a.cpu_adapters, max_rank=a.max_rank,
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CogcoreError(str(e)) from None
     from cogcore.lora.registry import AdapterRegistry
     registry = AdapterRegistry(args.adapters or None)
+    if args.engine == "cogcore":  # refuse a bad keys file before the model loads
+        from .app import KeyRing
+        KeyRing.load(cfg.keys or None, os.environ.get("COGCORE_API_KEYS"))
     if args.engine == "vllm":
         from .vllm import run_vllm
         return run_vllm(cfg, registry, print_only=args.print_command)

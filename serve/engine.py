@@ -332,9 +332,10 @@ class Engine:
                 raise CogcoreError(f"adapter {art.name}: {module} has {sorted(ab)} but needs both lora_A and lora_B")
             layer = self.patch.layers.get(module)
             if layer is None:
-                raise CogcoreError(f"adapter {art.name} adapts {module}, which has no adapter slot on this server "
-                                   f"(slots on {', '.join(self.target_modules)}): restart the server with "
-                                   f"--target-modules including {module.rpartition('.')[2]}")
+                missing = sorted({m.rpartition(".")[2] for m in pairs if m not in self.patch.layers})
+                raise CogcoreError(f"adapter {art.name} adapts {', '.join(missing)}, which have no adapter slot on this "
+                                   f"server (slots on {', '.join(self.target_modules)}): restart the server with "
+                                   f"--target-modules {','.join(sorted(set(self.target_modules) | set(missing)))}")
             A, B = ab["lora_A"], ab["lora_B"]
             r = A.shape[0]
             if r > self.max_rank:
@@ -432,10 +433,12 @@ class Engine:
             row.generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
         with self._cv:
-            if len(self._waiting) >= self.cfg.max_queue:
+            # a free batch row takes a request at the next step: only the excess over them queues
+            queued = len(self._waiting) - max(0, self.cfg.max_batch - len(self._rows))
+            if queued >= self.cfg.max_queue:
                 self.counters["rejected"] += 1
-                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting "
-                                f"(limit {self.cfg.max_queue}); retry later", self.retry_after())
+                raise QueueFull(f"the server is busy: {len(self._rows)} requests decoding and {len(self._waiting)} "
+                                f"waiting (limit {self.cfg.max_queue}); retry later", self.retry_after())
             self._waiting.append(row)
             self.counters["requests"] += 1
             self._cv.notify_all()

@@ -161,17 +161,19 @@ def test_bad_requests_are_refused_up_front(engine):
 
 
 def test_queue_limit(registry):
-    eng = Engine(EngineConfig(model=SPEC, max_queue=2, adapters_on_device=1), registry, model=fresh_model())
+    """max_batch rows + max_queue waiting; the next request is refused with a retry hint."""
+    eng = Engine(EngineConfig(model=SPEC, max_batch=1, max_queue=2, adapters_on_device=1), registry,
+                 model=fresh_model())
     try:  # not started: nothing leaves the queue
-        for _ in range(2):
+        for _ in range(3):
             eng.submit(GenerationRequest([65, 66], None, max_tokens=2))
         with pytest.raises(QueueFull, match="busy") as e:
             eng.submit(GenerationRequest([65, 66], None, max_tokens=2))
         assert e.value.retry_after >= 1 and eng.counters["rejected"] == 1
         eng.start()  # the queued ones are then served
         deadline = time.monotonic() + 30
-        while eng.counters["finished"] < 2 and time.monotonic() < deadline:
+        while eng.counters["finished"] < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert eng.counters["finished"] == 2
+        assert eng.counters["finished"] == 3
     finally:
         eng.stop()
