@@ -1,0 +1,68 @@
+"""The eval gate: publishes an adapter trained on clean experience, blocks one trained on junk
+(brain rot) and says why; the junk dose shows in the general junk margin. Plus its pure parts."""
+
+import re
+
+import pytest
+from conftest import TINY_REFRESH, make_user_set
+
+from cogcore.lora.gate import GateConfig, acts_right, leak_patterns
+from cogcore.lora.refresh import RefreshConfig, run
+from cogcore.lora.registry import AdapterRegistry
+from cogcore.train.config import ConfigError, load_config
+from cogcore.train.model import load_tokenizer
+
+
+def test_gate_publishes_clean_blocks_junk_and_the_dose_shows(general_base, fresh_home, demo_users, one_thread):
+    tok = load_tokenizer(general_base)
+    users = {u.id: u for u in demo_users.users}
+    make_user_set(fresh_home, tok, users["bob"], 1, n_train=12, replay_share=0.5)  # someone to leak
+    results = {}
+    for name, share in (("clean", 0.0), ("half", 0.5), ("junk", 1.0)):
+        make_user_set(fresh_home, tok, users["alice"], 1, n_train=24, junk=list(demo_users.junk), junk_share=share,
+                      as_user=name, replay_share=0.5)
+        cfg = load_config(RefreshConfig, None, [f"user={name}", f"model.source={general_base}", *TINY_REFRESH])
+        results[name] = run(cfg)
+    reg = AdapterRegistry()
+    clean, junk = results["clean"], results["junk"]
+    margins = {n: r.gate["criteria"]["general_junk_margin"]["value"] for n, r in results.items()}
+    print("junk share -> general junk margin (nats):", margins)
+
+    assert clean.passed and clean.published == "clean@v1" and reg.live_version("clean") == 1, clean.reasons
+    crit = clean.gate["criteria"]
+    assert crit["heldout_policy_loss"]["value"] < crit["heldout_policy_loss"]["reference"]  # learned alice's world
+    assert crit["leakage"]["n"] > 0 and crit["leakage"]["other_users"] == ["bob"]  # half, junk come later
+
+    assert not junk.passed and junk.published is None and reg.live_version("junk") is None
+    assert any(r.startswith("general_junk_margin fell") for r in junk.reasons), junk.reasons
+    assert (fresh_home / "runs" / "refresh-junk-set1" / "gate.json").is_file()  # the refusal is recorded
+    assert margins["clean"] > margins["half"] > margins["junk"]  # dose-response: more junk, more rot
+    for r in results.values():  # every criterion reports its numbers and n
+        for name, c in r.gate["criteria"].items():
+            assert "n" in c and ("value" in c or c["n"] == 0), name
+
+
+def test_acts_right_uses_check_then_the_right_action():
+    assert acts_right("Please send the last 4 digits.", r"(?i)last (four|4) digits", "")
+    assert not acts_right("lol ok", r"(?i)last (four|4) digits", "Send the last four digits")
+    assert acts_right("  ANSWER: 31, done", "", "ANSWER: 31")
+    assert acts_right("Sure. answer 31", "", "ANSWER: 31")
+    assert not acts_right("ANSWER: 3", "", "ANSWER: 31")
+
+
+def test_leak_patterns_skip_rules_the_user_shares():
+    mine = [{"right_action": "Tell me your order number and postcode.", "check": ""}]
+    others = {"bob": [{"check": r"(?i)order number", "right_action": "x"}],
+              "carol": [{"check": r"^ANSWER:", "right_action": "ANSWER: 4"}, {"check": r"^ANSWER:", "right_action": "y"}],
+              "dave": [{"check": "", "right_action": "Ask for the badge ID"}]}
+    pats = leak_patterns(mine, others)
+    assert [u for u, _ in pats] == ["carol", "dave"]  # bob's rule is also this user's: not a leak
+    assert isinstance(pats[0][1], re.Pattern) and pats[1][1] == "ask for the badge id"
+
+
+def test_gate_config_is_validated():
+    with pytest.raises(ConfigError, match="gate.policy_tolerance"):
+        load_config(RefreshConfig, None, ["gate.policy_tolerance=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'gate.probe'"):
+        load_config(RefreshConfig, None, ["gate.probe=3"])
+    assert GateConfig().probes == 40
