@@ -7,8 +7,11 @@
 # 2. pytest tests/kernels/triton_cases.py   the interpreter's odd tiny shapes, compiled for the GPU
 # 3. python bench/bench_kernels.py --device cuda  linear JSD at V=128256 (naive / chunked / triton /
 #    Liger x2), gathered LoRA vs loop, LoRA decode overhead over the base matmul, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
-# Writes (5 files): gpu_check.json (summary), kernels_gpu.json (+ .png), kernels_gpu_tests.txt,
-# kernels_gpu_bench.txt. Exit status: non-zero if a step failed or timed out.
+# 4. recipes on CUDA, tiny presets, about a minute in all: `distill` with a cached and with a live
+#    teacher (held-out documents, so the held-out KL runs before the loop moves anything), `sft`
+#    with LoRA, and `eval core` (must say "on cuda"); each summary must report device cuda.
+# Writes (6 files): gpu_check.json (summary), kernels_gpu.json (+ .png), kernels_gpu_tests.txt,
+# kernels_gpu_bench.txt, recipes_gpu.txt. Exit status: non-zero if a step failed or timed out.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -56,15 +59,47 @@ step triton_cases 40 "$OUT_DIR/kernels_gpu_tests.txt" \
 step bench 110 "$OUT_DIR/kernels_gpu_bench.txt" \
     "$PY" bench/bench_kernels.py --device cuda --out "$OUT_DIR/kernels_gpu.json"
 
-"$PY" - "$OUT_DIR" "$rc_gpu_tests" "$rc_triton_cases" "$rc_bench" "$(($(date +%s) - start))" <<'EOF'
+# 4. the recipes on CUDA (items 7-10 of issue 14): a fresh workspace, tiny presets
+: >"$OUT_DIR/recipes_gpu.txt"
+RUNS="$SCRATCH/runs"
+recipes() {
+    local cli=("$PY" -m cogcore.cli --home "$SCRATCH/ws")
+    local common=(train.max_steps=20 train.progress=false train.tensorboard=false)
+    "${cli[@]}" distill --config configs/distill/tiny.yaml out="$RUNS/distill-cache" "${common[@]}" || return 1
+    "${cli[@]}" distill --config configs/distill/tiny.yaml out="$RUNS/distill-live" teacher_mode=live \
+        "${common[@]}" || return 1
+    "${cli[@]}" sft --config configs/sft/tiny.yaml out="$RUNS/sft-lora" lora.r=8 lora.alpha=16 "${common[@]}" \
+        || return 1
+    "${cli[@]}" eval core model.source=tiny-llama n_per_metric=8 max_new_tokens=8 out="$RUNS/eval" || return 1
+}
+export -f recipes
+export PY SCRATCH RUNS
+step recipes 150 "$OUT_DIR/recipes_gpu.txt" bash -c recipes
+
+"$PY" - "$OUT_DIR" "$rc_gpu_tests" "$rc_triton_cases" "$rc_bench" "$(($(date +%s) - start))" "$rc_recipes" "$RUNS" <<'EOF'
 import json, subprocess, sys
 from pathlib import Path
 
 out, rc_tests, rc_cases, rc_bench, wall = Path(sys.argv[1]), *map(int, sys.argv[2:6])
+rc_recipes, runs = int(sys.argv[6]), Path(sys.argv[7])
+recipes = {}
+for name in ("distill-cache", "distill-live", "sft-lora"):
+    f = runs / name / "summary.json"
+    if f.is_file():
+        s = json.loads(f.read_text())
+        recipes[name] = {k: s.get(k) for k in ("device", "steps", "final_loss", "heldout_kl_start", "heldout_kl_end",
+                                              "heldout_kl_kind", "eval_loss", "tokens_per_s")}
+    else:
+        recipes[name] = {"missing": str(f)}
+eval_log = (out / "recipes_gpu.txt").read_text() if (out / "recipes_gpu.txt").is_file() else ""
+recipes["eval_core_on_cuda"] = "eval core: loading tiny-llama on cuda" in eval_log
+recipes_ok = rc_recipes == 0 and recipes["eval_core_on_cuda"] and all(
+    (r.get("device") or "").startswith("cuda") for n, r in recipes.items() if n != "eval_core_on_cuda")
 summary = {
-    "ok": rc_tests == rc_cases == rc_bench == 0,
-    "rc": {"gpu_tests": rc_tests, "triton_cases": rc_cases, "bench": rc_bench},
+    "ok": rc_tests == rc_cases == rc_bench == 0 and recipes_ok,
+    "rc": {"gpu_tests": rc_tests, "triton_cases": rc_cases, "bench": rc_bench, "recipes": rc_recipes},
     "wall_s": wall,
+    "recipes": recipes,
 }
 try:
     summary["gpu"] = subprocess.run(
@@ -85,4 +120,4 @@ if bench.exists():
 print(json.dumps(summary, indent=2))
 EOF
 
-[ "$rc_gpu_tests" -eq 0 ] && [ "$rc_triton_cases" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+[ "$rc_gpu_tests" -eq 0 ] && [ "$rc_triton_cases" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_recipes" -eq 0 ]

@@ -347,7 +347,8 @@ def run(cfg: DistillConfig, di: DistInfo | None = None, stop_after: int | None =
             "teacher_mode": cfg.teacher_mode, "loss": cfg.loss.kind,
             "heldout_kl_start": kl_start, "heldout_kl_end": kl_end, "heldout_loss": result.eval_loss,
             "heldout_kl_kind": heldout_kl_kind(cfg, live is not None),
-            "world_size": di.world_size, "strategy": di.strategy, "resumed_from": result.resumed_from,
+            "world_size": di.world_size, "strategy": di.strategy, "device": str(di.device),
+            "resumed_from": result.resumed_from,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print_summary(f"distill {cfg.name}", {

@@ -109,6 +109,7 @@ def _save_outputs(model, tokenizer, cfg: SFTConfig, run_dir: Path, di: DistInfo,
                    "eval_loss": result.eval_loss, "elapsed_s": result.elapsed_s, "tokens_per_s": result.tokens_per_s,
                    "padding_fraction": padding, "base_hash": base, "output_hash": out_hash,
                    "params": count_params(model), "world_size": di.world_size, "strategy": di.strategy,
+                   "device": str(di.device),
                    "resumed_from": result.resumed_from, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print_summary(f"sft {cfg.name}", {"run": str(run_dir), "steps": result.steps, "final loss": result.final_loss,
