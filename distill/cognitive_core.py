@@ -321,30 +321,54 @@ def summarize(per_seed: dict[int, dict], eval_n: int) -> dict:
     return out
 
 
+# A target about keeping what the teacher can do is measurable only if the teacher can do it.
+TEACHER_READS = 0.9    # teacher open_book_unseen / two_hop_unseen needed to judge "keeps the teacher's reading"
+TEACHER_RECITES = 0.1  # teacher closed_book_recall above chance needed to judge "sheds the teacher's recall"
+
+
+def _target(ok: bool, measurable: bool = True, requires: str = "", **values) -> dict:
+    status = ("PASS" if ok else "FAIL") if measurable else "not measurable"
+    out = {"pass": bool(ok and measurable), "status": status, **values}
+    if not measurable:
+        out["requires"] = requires
+    return out
+
+
 def targets(res: dict) -> dict:
-    """Issue 5's targets on the seed means (never relaxed here: a miss is reported as a miss)."""
+    """Issue 5's targets on the seed means (never relaxed here: a miss is reported as a miss).
+
+    A target about keeping the teacher's reading is "not measurable" (and does not pass) unless
+    the teacher reads (>= TEACHER_READS on that metric); shedding recall needs a teacher that
+    recites (> TEACHER_RECITES above chance)."""
     t, p, c = res["teacher"], res["plain_kd"], res["core"]
     chance = t["chance"]
+    recites = t["closed_book_recall"] - chance > TEACHER_RECITES
+    reads = t["open_book_unseen"] >= TEACHER_READS
+    two_hops = t["two_hop_unseen"] >= TEACHER_READS
+    need_read = f"teacher open_book_unseen >= {TEACHER_READS} (it is {t['open_book_unseen']:.3f})"
+    need_hop = f"teacher two_hop_unseen >= {TEACHER_READS} (it is {t['two_hop_unseen']:.3f})"
     return {
-        "core_sheds_90pct_recall": {
-            "pass": c["closed_book_recall"] - chance <= 0.1 * (t["closed_book_recall"] - chance),
-            "core_above_chance": c["closed_book_recall"] - chance,
-            "allowed": 0.1 * (t["closed_book_recall"] - chance)},
-        "core_keeps_95pct_open_book_unseen": {
-            "pass": c["open_book_unseen"] >= 0.95 * t["open_book_unseen"],
-            "core": c["open_book_unseen"], "needed": 0.95 * t["open_book_unseen"]},
-        "core_not_worse_than_plain_kd_open_book_unseen": {
-            "pass": c["open_book_unseen"] >= p["open_book_unseen"], "core": c["open_book_unseen"],
-            "plain_kd": p["open_book_unseen"]},
-        "core_not_worse_than_plain_kd_two_hop": {
-            "pass": c["two_hop_unseen"] >= p["two_hop_unseen"], "core": c["two_hop_unseen"],
-            "plain_kd": p["two_hop_unseen"]},
-        "core_keeps_95pct_two_hop": {
-            "pass": c["two_hop_unseen"] >= 0.95 * t["two_hop_unseen"], "core": c["two_hop_unseen"],
-            "needed": 0.95 * t["two_hop_unseen"]},
-        "plain_kd_recites_more_than_core": {
-            "pass": p["closed_book_recall"] > c["closed_book_recall"], "plain_kd": p["closed_book_recall"],
-            "core": c["closed_book_recall"]},
+        "core_sheds_90pct_recall": _target(
+            c["closed_book_recall"] - chance <= 0.1 * (t["closed_book_recall"] - chance), recites,
+            f"teacher closed_book_recall > chance + {TEACHER_RECITES} (it is {t['closed_book_recall']:.3f}, "
+            f"chance {chance:.3f})",
+            core_above_chance=c["closed_book_recall"] - chance, allowed=0.1 * (t["closed_book_recall"] - chance)),
+        "core_keeps_95pct_open_book_unseen": _target(
+            c["open_book_unseen"] >= 0.95 * t["open_book_unseen"], reads, need_read,
+            core=c["open_book_unseen"], needed=0.95 * t["open_book_unseen"], teacher=t["open_book_unseen"]),
+        "core_not_worse_than_plain_kd_open_book_unseen": _target(
+            c["open_book_unseen"] >= p["open_book_unseen"], reads, need_read,
+            core=c["open_book_unseen"], plain_kd=p["open_book_unseen"]),
+        "core_not_worse_than_plain_kd_two_hop": _target(
+            c["two_hop_unseen"] >= p["two_hop_unseen"], two_hops, need_hop,
+            core=c["two_hop_unseen"], plain_kd=p["two_hop_unseen"]),
+        "core_keeps_95pct_two_hop": _target(
+            c["two_hop_unseen"] >= 0.95 * t["two_hop_unseen"], two_hops, need_hop,
+            core=c["two_hop_unseen"], needed=0.95 * t["two_hop_unseen"], teacher=t["two_hop_unseen"]),
+        "plain_kd_recites_more_than_core": _target(
+            p["closed_book_recall"] > c["closed_book_recall"], recites,
+            f"teacher closed_book_recall > chance + {TEACHER_RECITES}",
+            plain_kd=p["closed_book_recall"], core=c["closed_book_recall"]),
     }
 
 
@@ -369,8 +393,9 @@ def print_table(res: dict) -> None:
     console = Console()
     console.print(table)
     for name, t in res["targets"].items():
-        detail = ", ".join(f"{k}={v:.3f}" for k, v in t.items() if k != "pass")
-        console.print(f"  {'PASS' if t['pass'] else 'MISS'}  {name}: {detail}")
+        detail = ", ".join(f"{k}={v:.3f}" for k, v in t.items() if isinstance(v, float))
+        why = f" — needs {t['requires']}" if t.get("requires") else ""
+        console.print(f"  {t['status']}  {name}: {detail}{why}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- recipe

@@ -71,3 +71,35 @@ def test_quick_keeps_the_users_other_overrides():
 def test_keys_that_do_nothing_are_rejected():
     with pytest.raises(ConfigError, match="reader.eval_every does nothing here"):
         load_config(ExperimentConfig, None, ["reader.eval_every=5"])
+
+
+def _res(teacher, plain_kd, core, chance=1 / 16):
+    keys = ("closed_book_recall", "open_book_unseen", "two_hop_unseen")
+    return {name: {**dict(zip(keys, vals)), "chance": chance}
+            for name, vals in (("teacher", teacher), ("plain_kd", plain_kd), ("core", core))}
+
+
+def test_keeping_the_teachers_reading_is_not_measurable_when_the_teacher_cannot_read(capsys):
+    # the measured quick/full situation: the teacher reads unseen people at 0.33
+    t = cognitive_core.targets(_res(teacher=(0.9, 0.33, 0.30), plain_kd=(0.6, 0.33, 0.30), core=(0.07, 0.33, 0.31)))
+    for name in ("core_keeps_95pct_open_book_unseen", "core_keeps_95pct_two_hop",
+                 "core_not_worse_than_plain_kd_open_book_unseen", "core_not_worse_than_plain_kd_two_hop"):
+        assert t[name]["status"] == "not measurable" and t[name]["pass"] is False, name
+        assert "teacher" in t[name]["requires"]
+    assert t["core_sheds_90pct_recall"]["status"] == "PASS"  # the teacher does recite
+    # a teacher that reads: the same rule judges the students
+    t = cognitive_core.targets(_res(teacher=(0.9, 0.95, 0.92), plain_kd=(0.6, 0.9, 0.9), core=(0.07, 0.93, 0.80)))
+    assert t["core_keeps_95pct_open_book_unseen"]["status"] == "PASS"
+    assert t["core_keeps_95pct_two_hop"]["status"] == "FAIL" and not t["core_keeps_95pct_two_hop"]["pass"]
+    # a teacher that recites nothing: shedding its recall cannot be judged
+    t = cognitive_core.targets(_res(teacher=(0.1, 0.95, 0.95), plain_kd=(0.1, 0.9, 0.9), core=(0.06, 0.93, 0.9)))
+    assert t["core_sheds_90pct_recall"]["status"] == "not measurable"
+    res = _res(teacher=(0.9, 0.33, 0.30), plain_kd=(0.6, 0.33, 0.30), core=(0.07, 0.33, 0.31))
+    for name in MODELS:
+        keys = ("closed_book_recall", "open_book_unseen", "two_hop_unseen")
+        res[name].update(spread=dict.fromkeys(keys, 0.0), chance_per_metric=dict.fromkeys(keys, 1 / 16), n=10)
+    res.update(seeds=[0], targets=cognitive_core.targets(res))
+    cognitive_core.print_table(res)
+    out = capsys.readouterr().out
+    assert "not measurable  core_keeps_95pct_open_book_unseen" in out and "needs teacher open_book_unseen >= 0.9" in out
+    assert "PASS  core_sheds_90pct_recall" in out and "MISS" not in out
