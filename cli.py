@@ -23,6 +23,7 @@ class Command:
     config: Callable[[], type] | None = None   # recipe config class, for --help and validation
     distributed: bool = False                  # accepts --nproc / --dist
     model_flag: bool = False                   # accepts --model (= model.source)
+    passthrough: str = ""                      # module whose main(argv) parses its own flags
 
 
 def _recipe(module_name: str, actions: dict[str, str] | None = None) -> Callable[[argparse.Namespace, list[str]], int]:
@@ -93,6 +94,15 @@ def _info(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _passthrough(module_name: str) -> Callable[[argparse.Namespace, list[str]], int]:
+    """A command with its own flags (`cogcore memory ingest --user U FILE`): the module's
+    ``main(argv)`` parses everything after the command name, --help included."""
+    def main(args: argparse.Namespace, rest: list[str]) -> int:
+        module = __import__(module_name, fromlist=["main"])
+        return module.main(rest)
+    return main
+
+
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     """`cogcore bench <name> [flags]`: run a benchmark script's main with the remaining flags."""
     from cogcore.train.config import ConfigError
@@ -118,6 +128,19 @@ COMMANDS: dict[str, Command] = {
                           "shedding student on a synthetic world)",
                           _recipe("cogcore.distill.cognitive_core", {"cognitive-core": "run"}),
                           lambda: __import__("cogcore.distill.cognitive_core", fromlist=["x"]).ExperimentConfig),
+    "memory": Command("the per-user experience log: `memory ingest|stats|export|forget|notes|consolidate`",
+                      _passthrough("cogcore.memory.cli"), passthrough="cogcore.memory.cli"),
+    "refresh": Command("refresh users' LoRA adapters on their consolidated experience, gate and publish "
+                       "(`--user U` or `--all-due`)", _passthrough("cogcore.lora.refresh"),
+                       passthrough="cogcore.lora.refresh"),
+    "adapters": Command("the adapter registry: `adapters list|show|rollback|gc`",
+                        _passthrough("cogcore.lora.cli"), passthrough="cogcore.lora.cli"),
+    "sleep": Command("consolidate -> refresh -> gate -> publish for every due user, once or `--every` interval",
+                     _passthrough("cogcore.lora.sleep"), passthrough="cogcore.lora.sleep"),
+    "serve": Command("OpenAI-compatible HTTP server: one core, many users' adapters swapped per request",
+                     _passthrough("cogcore.serve.cli"), passthrough="cogcore.serve.cli"),
+    "demo": Command("the whole loop on the embedded default: serve users, log, sleep, refresh, wake better",
+                    _passthrough("cogcore.demo.run"), passthrough="cogcore.demo.run"),
     "eval": Command("evaluate a model: `eval core` = recall vs context use (real-world probes, synthetic world)",
                     _recipe("cogcore.eval.core", {"core": "run"}),
                     lambda: __import__("cogcore.eval.core", fromlist=["x"]).EvalConfig, model_flag=True),
@@ -160,6 +183,27 @@ def build_parser(with_config_help: str | None = None) -> argparse.ArgumentParser
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Commands with their own flags get everything after their name, --help included.
+    home_at = argv.index("--home") if "--home" in argv else -1
+    home_value = home_at + 1 if home_at >= 0 else -1
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-") and i != home_value), None)
+    if first is not None and argv[first] in COMMANDS and COMMANDS[argv[first]].passthrough:
+        if home_at >= 0 and home_at + 1 < len(argv):
+            from cogcore.train.workspace import set_home
+            set_home(argv[home_at + 1])
+        from cogcore.train.config import CogcoreError, ConfigError
+        name = argv[first]
+        try:
+            return COMMANDS[name].main(argparse.Namespace(command=name), argv[first + 1:])
+        except ConfigError as e:
+            print(f"cogcore {name}: config error: {e}", file=sys.stderr)
+            return 2
+        except CogcoreError as e:
+            print(f"cogcore {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     # Only build the (slow-to-import) config help for the subcommand asking for --help.
     wants = next((a for a in argv if a in COMMANDS), None) if ("-h" in argv or "--help" in argv) else None
     if wants == "bench" and argv.index("bench") + 1 < len(argv) and argv[argv.index("bench") + 1] in ("kernels", "distill"):

@@ -98,7 +98,10 @@ class RefreshConfig:
 
     def __post_init__(self):
         if self.user:
-            check_user(self.user)
+            try:
+                check_user(self.user)
+            except CogcoreError as e:
+                raise ValueError(f"user: {e}") from None
         if self.lock_timeout < 0:
             raise ValueError("lock_timeout must be >= 0 seconds")
         if self.out and not self.user:
@@ -263,8 +266,10 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
                   f"{len(rows)} rows of {cfg.data.seq_len} tokens; base {base[:12]}"
                   f"{'; warm start from ' + warm.name if warm else ''}", flush=True)
 
+        # the gate's settings and the lock wait do not change the weights: a rerun with other ones resumes
+        trained_by = {k: v for k, v in asdict(cfg).items() if k not in ("gate", "lock_timeout", "out")}
         result = train(CausalLMLoss(model), rows, train_cfg, run_dir, di, base_hash=base,
-                       run_config=asdict(cfg), stop_after=stop_after)
+                       run_config=trained_by, stop_after=stop_after)
         if result.steps < train_cfg.max_steps:
             return RefreshResult(user, cset.version, str(run_dir), None, None, None, ["stopped early"], result)
 

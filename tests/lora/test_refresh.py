@@ -1,0 +1,128 @@
+"""`cogcore refresh` on tiny-llama: trains only the LoRA on the user's set, gates, publishes a PEFT
+adapter; warm start; exact resume after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_REFRESH, make_user_set
+from safetensors.torch import load_file
+
+from cogcore.lora.refresh import LoraSpec, RefreshConfig, add_lora, run
+from cogcore.lora.registry import AdapterRegistry
+from cogcore.train.checkpoint import latest_checkpoint
+from cogcore.train.config import CogcoreError, ConfigError, load_config
+from cogcore.train.loop import read_metrics
+from cogcore.train.model import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_refresh_trains_the_lora_only_and_publishes(general_base, fresh_home, demo_users, one_thread):
+    from peft import PeftModel
+    alice = next(u for u in demo_users.users if u.id == "alice")
+    tok = load_tokenizer(general_base)
+    make_user_set(fresh_home, tok, alice, 1, n_train=20, replay_share=0.5)
+    res = run(load_config(RefreshConfig, None, ["user=alice", f"model.source={general_base}", *TINY_REFRESH]))
+    run_dir = fresh_home / "runs" / "refresh-alice-set1"
+    assert res.run_dir == str(run_dir) and res.passed and res.published == "alice@v1", res.reasons
+
+    losses = [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+    assert len(losses) == 60 and sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5, losses[::10]
+    # only LoRA tensors changed: whatever else the checkpoint holds (a tied lm_head) is the base's own
+    trained = torch.load(latest_checkpoint(run_dir) / "trainable.pt", weights_only=True)
+    lora = {k for k in trained if ".lora_A." in k or ".lora_B." in k}
+    base_sd = load_model(general_base).state_dict()
+    for k in set(trained) - lora:
+        assert torch.equal(trained[k], base_sd[k.replace("model.base_model.model.", "")]), k
+    art = AdapterRegistry().get("alice")
+    weights = load_file(art.weights_path)
+    assert {"model." + k.replace(".weight", ".default.weight") for k in weights} == lora
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # B left its zero init
+    assert art.lineage["set_version"] == 1 and art.lineage["warm_start_from"] is None and art.gate["passed"]
+    assert art.peft_config["r"] == 8 and art.base_hash == load_model(general_base).base_hash
+    for f in ("gate.json", "summary.json", "config.yaml", "adapter/adapter_model.safetensors"):
+        assert (run_dir / f).is_file(), f
+
+    # the published directory is plain PEFT: it loads and changes the base's outputs
+    base = load_model(general_base)
+    ids = torch.tensor([tok("<|im_start|>user\nrefund please<|im_end|>\n").input_ids])
+    with torch.no_grad():
+        plain = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(art.path))(ids).logits
+    assert not torch.allclose(plain, tuned, atol=1e-3)
+
+    # warm start from the LIVE adapter on the next set; the gate compares with alice@v1
+    make_user_set(fresh_home, tok, alice, 2, n_train=24, replay_share=0.5)
+    res2 = run(load_config(RefreshConfig, None, ["user=alice", f"model.source={general_base}", "warm_start=true",
+                                                 *TINY_REFRESH, "train.max_steps=20"]))
+    assert res2.gate["reference"] == "alice@v1"
+    assert res2.gate["criteria"]["heldout_policy_loss"]["against"] == "alice@v1"
+    if res2.passed:
+        art2 = AdapterRegistry().get("alice")
+        assert art2.version == 2 and art2.lineage["warm_start_from"] == "alice@v1"
+    else:  # a refusal keeps v1 live and is recorded
+        assert AdapterRegistry().live_version("alice") == 1 and res2.reasons
+
+
+def test_only_lora_parameters_are_trainable():
+    model = add_lora(load_model("tiny-llama"), LoraSpec(r=4, targets=["q_proj", "down_proj"], rslora=True))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "down_proj"}  # ...q_proj.lora_A.default.weight
+    assert model.peft_config["default"].use_rslora
+
+
+def test_refresh_config_errors(fresh_home):
+    with pytest.raises(ConfigError, match="lora.r must be >= 1"):
+        load_config(RefreshConfig, None, ["lora.r=0"])
+    with pytest.raises(ConfigError, match="say whose adapter"):
+        run(RefreshConfig())
+    with pytest.raises(CogcoreError, match="nobody has no consolidated set yet: run `cogcore memory consolidate"):
+        run(load_config(RefreshConfig, None, ["user=nobody", "model.source=tiny-llama"]))
+    with pytest.raises(ConfigError, match="invalid user id"):
+        load_config(RefreshConfig, None, ["user=../x"])
+
+
+CLI = ["-m", "cogcore.cli", "refresh"]
+FAST = ["model.source=tiny-llama", "gate.enabled=false", "lora.r=4", "data.seq_len=256", "train.max_steps=40",
+        "train.save_every=5", "train.lr=1e-3", "train.progress=false", "train.tensorboard=false"]
+
+
+def test_kill_9_during_training_then_rerun_gives_the_same_adapter(fresh_home, demo_users, one_thread):
+    alice = next(u for u in demo_users.users if u.id == "alice")
+    tok = load_tokenizer("tiny-llama")
+    for user in ("straight", "killed"):
+        make_user_set(fresh_home, tok, alice, 1, n_train=12, as_user=user)
+    run(load_config(RefreshConfig, None, ["user=straight", *FAST]))
+
+    # the real CLI in its own process, killed -9 once it has written a checkpoint
+    run_dir = fresh_home / "runs" / "refresh-killed-set1"
+    child = subprocess.Popen([sys.executable, *CLI, "--user", "killed", *FAST], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None and latest_checkpoint(run_dir) is None:
+        time.sleep(0.05)
+    assert child.poll() is None, f"the run ended before it could be killed: {child.stderr.read().decode()[-2000:]}"
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    reg = AdapterRegistry()
+    assert reg.live_version("killed") is None and reg.list("killed") == []  # nothing half published
+
+    again = run(load_config(RefreshConfig, None, ["user=killed", *FAST]))
+    assert again.train.resumed_from is not None and 0 < again.train.resumed_from < 40
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == again.train.resumed_from
+    want, got = load_file(reg.get("straight").weights_path), load_file(reg.get("killed").weights_path)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+    # once more: nothing left to train, the same weights are already live -> no new version
+    third = run(load_config(RefreshConfig, None, ["user=killed", *FAST]))
+    assert third.published == "killed@v1" and [a.name for a in reg.list("killed")] == ["killed@v1"]
