@@ -198,6 +198,7 @@ class Sampling:
     stream: bool
     include_usage: bool
     user: str | None
+    ignore_eos: bool = False
 
 
 def parse_sampling(body: dict, default_max_tokens: int, limit: int) -> Sampling:
@@ -232,7 +233,9 @@ def parse_sampling(body: dict, default_max_tokens: int, limit: int) -> Sampling:
     stream = _get(body, "stream", bool, False, what="true or false")
     opts = _get(body, "stream_options", dict, {}, what="an object")
     user = _get(body, "user", str, None, what="a string")
-    return Sampling(max_tokens, temperature, top_p, seed, stop, stream, bool(opts.get("include_usage")), user)
+    ignore_eos = _get(body, "ignore_eos", bool, False, what="true or false")  # vLLM's extension
+    return Sampling(max_tokens, temperature, top_p, seed, stop, stream, bool(opts.get("include_usage")), user,
+                    ignore_eos)
 
 
 def _text_content(content, where: str) -> str:
@@ -535,7 +538,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
                 raise _bad("stream: true takes a single prompt", "prompt")
             context = prompts[0]
         reqs = [GenerationRequest(encode(p), target, s.max_tokens, s.temperature, s.top_p, s.seed, s.stop,
-                                  request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
+                                  ignore_eos=s.ignore_eos, request_id=f"{rid}-{i}") for i, p in enumerate(prompts)]
         headers = {"X-Cogcore-Adapter": target.adapter_name, "X-Request-Id": rid}
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"

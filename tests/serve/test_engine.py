@@ -177,3 +177,17 @@ def test_queue_limit(registry):
         assert eng.counters["finished"] == 3
     finally:
         eng.stop()
+
+
+def test_nf4_base_serves_adapters(registry):
+    """--quantize nf4: bitsandbytes Linear4bit layers under the adapter slots; mixed batches still
+    equal solo runs on the quantized base."""
+    from cogcore.train.model import ModelSpec
+    eng = Engine(EngineConfig(model=ModelSpec("tiny-llama", quantize="nf4"), adapters_on_device=4), registry)
+    assert type(next(iter(eng.patch.layers.values())).base).__name__ == "Linear4bit"
+    cases = [("core", PROMPTS[0]), ("bob@v1", PROMPTS[1]), ("carol@v1", PROMPTS[0]), ("alice@v1", PROMPTS[3])]
+    with eng:
+        alone = [eng.generate(p, m, max_tokens=8).token_ids for m, p in cases]
+        with eng.hold():
+            hs = [eng.submit(GenerationRequest(_ids(eng, p), eng.resolve(m), max_tokens=8)) for m, p in cases]
+        assert [h.result(60).token_ids for h in hs] == alone
