@@ -544,8 +544,17 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
         obj = "chat.completion" if chat else "text_completion"
         if s.stream:
             q, handle = submit(reqs[0])
+            # wait for the first event before committing to a 200 stream: a failed adapter load or a
+            # timeout in the queue still gets its own status
+            try:
+                first: Delta = await q.get()
+            except BaseException:
+                handle.cancel()
+                raise
+            if first.done and first.error is not None:
+                raise failure(first.error)
             return StreamingResponse(stream(endpoint, q, handle, rid, created, body["model"], chat, s, target, user,
-                                            context), media_type="text/event-stream", headers=headers)
+                                            context, first), media_type="text/event-stream", headers=headers)
         submitted = []
         try:
             for r in reqs:
@@ -579,12 +588,12 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
                              "system_fingerprint": target.adapter_name, "choices": choices, "usage": usage},
                             headers=headers)
 
-    async def stream(endpoint, q, handle, rid, created, model, chat, s, target, user, context):
+    async def stream(endpoint, q, handle, rid, created, model, chat, s, target, user, context, first: Delta):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, opening: bool = False) -> str:
             if chat:
-                delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+                delta = {} if text is None else ({"role": "assistant", "content": text} if opening else {"content": text})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -593,13 +602,16 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
 
         try:
             if chat:
-                yield chunk("", None, first=True)
+                yield chunk("", None, opening=True)
+            d = first
             while True:
-                d: Delta = await q.get()
+                if d is None:
+                    d = await q.get()
                 if d.text:
                     yield chunk(d.text, None)
                 if d.done:
                     break
+                d = None
             if d.error is not None:
                 err = failure(d.error)
                 metrics.requests.labels(endpoint, str(err.status)).inc()

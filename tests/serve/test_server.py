@@ -114,6 +114,18 @@ def test_errors_are_answers_not_crashes(setup):
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
+def test_adapter_for_another_base_fails_clearly(setup, base):
+    """A version published for another base: 500 with the registry's reason, streamed or not (the
+    stream is not started before the adapter loaded); the server keeps serving."""
+    srv, reg, _, tmp = setup
+    reg.publish("zoe", make_adapter(base, tmp / "zoe", seed=7), base_hash="ab" * 32)
+    c = client(srv)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError, match="trained for base abababababab"):
+            c.completions.create(model="core:zoe", prompt="x", max_tokens=2, stream=stream)
+    assert c.completions.create(model="core", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_queue_full_is_429(setup):
     """4 rows decoding + 2 waiting fill the server: the next request gets 429 with Retry-After, and the
     six accepted ones still finish."""
