@@ -137,3 +137,14 @@ def general_base(cogcore_home, demo_users) -> str:
         finally:
             torch.set_num_threads(before)
     return str(out / "model")
+
+
+def episode_events(user_id: str, ep, i: int, t0: float, check: str) -> list[dict]:
+    """The events a served episode leaves in the log: request, a wrong first action and the
+    environment's answer, then the right action and its answer."""
+    eid = f"{user_id}-ep{i}"
+    evs = [("context", ep.request, {"check": check}), ("action", WRONG_ACTION, {}),
+           ("observation", ep.wrong_observation, {}), ("action", ep.right_action, {}),
+           ("observation", ep.right_observation, {})]
+    return [{"user_id": user_id, "episode_id": eid, "ts": t0 + i * 10 + k, "kind": kind, "text": text, "meta": meta}
+            for k, (kind, text, meta) in enumerate(evs)]

@@ -126,3 +126,15 @@ def test_kill_9_during_training_then_rerun_gives_the_same_adapter(fresh_home, de
     # once more: nothing left to train, the same weights are already live -> no new version
     third = run(load_config(RefreshConfig, None, ["user=killed", *FAST]))
     assert third.published == "killed@v1" and [a.name for a in reg.list("killed")] == ["killed@v1"]
+
+
+def test_qlora_refresh_on_an_nf4_base(fresh_home, demo_users, one_thread):
+    alice = next(u for u in demo_users.users if u.id == "alice")
+    make_user_set(fresh_home, load_tokenizer("tiny-llama"), alice, 1, n_train=8)
+    res = run(load_config(RefreshConfig, None, [
+        "user=alice", "model.source=tiny-llama", "model.quantize=nf4", "lora.r=4", "train.max_steps=6",
+        "train.progress=false", "data.seq_len=256", "gate.probes=2", "gate.general_documents=8",
+        "gate.max_new_tokens=8", "gate.probe_max_new_tokens=4"]))
+    art = AdapterRegistry().get("alice")
+    assert res.published == "alice@v1" and art.lineage["quantize"] == "nf4"
+    assert art.base_hash == load_model("tiny-llama").base_hash  # the same base, loaded in 4 bits
