@@ -41,7 +41,15 @@ from ..train.config import CogcoreError, field
 from ..train.workspace import Workspace, get_workspace
 from . import formats
 from .events import Episode, Step
-from .junk import RULE_NAMES, RULES, Deduplicator, PerplexityScorer, judge_episode, junk_rule
+from .junk import (
+    RULE_NAMES,
+    RULES,
+    Deduplicator,
+    PerplexityScorer,
+    episode_perplexity,
+    judge_episode,
+    junk_rule,
+)
 from .log import ExperienceLog, _user
 
 EXAMPLES_PER_RULE = 3
@@ -62,8 +70,9 @@ class ConsolidateConfig:
     heldout_max: int = field(20, help="at most this many held-out episodes per user")
     junk_rules: list[str] = field(default_factory=lambda: list(RULE_NAMES),
                                   help=f"junk rules to apply, of: {', '.join(RULE_NAMES)}")
-    max_perplexity: float = field(0.0, help="drop an episode whose request or an action has a perplexity above this "
-                                            "under `model` (0 = off; it loads and runs the model, slow on CPU)")
+    max_perplexity: float = field(0.0, help="drop an episode whose request (on its own) or an action (as the reply "
+                                            "to the request) has a perplexity above this under `model` (0 = off: it "
+                                            "loads and runs the model, slow on CPU)")
     near_duplicate_threshold: float = field(0.85, help="Jaccard similarity of character shingles above which two "
                                                        "episodes are near-duplicates (the later one is dropped)")
     shingle_chars: int = field(5, help="characters per shingle for near-duplicate detection")
@@ -496,14 +505,11 @@ def _episode_text(ep: Episode) -> str:
 
 
 def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:
-    scorer = _scorer(cfg.model)
-    texts = [t for ep in kept for t in ep.texts()]
-    scores = iter(scorer(texts))
+    worst = episode_perplexity(_scorer(cfg.model), [ep.texts() for ep in kept])
     out = []
-    for ep in kept:
-        worst = max((next(scores), t) for t in ep.texts())
-        if worst[0] > cfg.max_perplexity:
-            _count(report["junk"]["rules"]["perplexity"], f"{_clip(worst[1], 140)} (perplexity {worst[0]:.1f})")
+    for ep, (ppl, text) in zip(kept, worst):
+        if ppl > cfg.max_perplexity:
+            _count(report["junk"]["rules"]["perplexity"], f"{_clip(text, 140)} (perplexity {ppl:.1f})")
         else:
             out.append(ep)
     return out

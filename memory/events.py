@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -36,26 +37,40 @@ MAX_FUTURE_S = 24 * 3600        # clocks drift, but not by more than a day
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
 _FIELDS = ("event_id", "user_id", "episode_id", "ts", "kind", "text", "reward", "meta")
+_FIELD_SET = frozenset(_FIELDS)
+_KIND_SET = frozenset(KINDS)
 
 
 class EventError(ValueError):
     """An event that cannot be stored; the message is the reason (one line)."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _safe_user(user: str) -> bool:
+    return bool(_USER_RE.fullmatch(user)) and ".." not in user
+
+
+@functools.lru_cache(maxsize=4096)   # an episode's events arrive together: most checks are cache hits
+def _safe_id(value: str) -> bool:
+    return bool(_ID_RE.fullmatch(value))
+
+
 def validate_user_id(user) -> str:
     """A user id is also a directory name: letters, digits, ``_ . -``, at most 64, no ``..``."""
     if not isinstance(user, str):
         raise EventError(f"user id must be a string, got {type(user).__name__}")
-    if not _USER_RE.fullmatch(user) or ".." in user:
+    if not _safe_user(user):
         raise EventError(f"user id {user[:80]!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', "
                          "starting with a letter or digit, without '..'")
     return user
 
 
 def default_event_id(user_id: str, episode_id: str, ts: float, kind: str, text: str) -> str:
-    """The same event logged twice gets the same id, so re-ingesting a file adds nothing."""
-    key = json.dumps([user_id, episode_id, ts, kind, text], ensure_ascii=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    """The same event logged twice gets the same id, so re-ingesting a file adds nothing.
+
+    Ids and kinds cannot hold "|" and the text comes last, so the key is unambiguous."""
+    key = f"{user_id}|{episode_id}|{ts!r}|{kind}|{text}"
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def parse_ts(value) -> float:
@@ -100,7 +115,7 @@ def _utf8_len(text: str, what: str) -> int:
         raise EventError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     event_id: str
     user_id: str
@@ -117,8 +132,8 @@ class Event:
         must equal a given one: a file ingested for alice cannot write into bob's log."""
         if not isinstance(d, dict):
             raise EventError(f"an event must be a JSON object, got {type(d).__name__}")
-        unknown = [k for k in d if k not in _FIELDS]
-        if unknown:
+        if not _FIELD_SET.issuperset(d):
+            unknown = [k for k in d if k not in _FIELD_SET]
             raise EventError(f"unknown field {str(unknown[0])[:40]!r}; an event has {', '.join(_FIELDS)}")
 
         user_id = d.get("user_id", user)
@@ -129,21 +144,23 @@ class Event:
             raise EventError(f"event is for user {user_id!r}, not for {user!r}")
 
         episode_id = d.get("episode_id")
-        if not isinstance(episode_id, str) or not _ID_RE.fullmatch(episode_id):
+        if not isinstance(episode_id, str) or not _safe_id(episode_id):
             raise EventError(f"episode_id {str(episode_id)[:80]!r} must be 1-128 letters, digits or _ . : @ -")
 
-        if "ts" not in d:
-            raise EventError("missing ts")
-        ts = parse_ts(d["ts"])
+        ts = d.get("ts")
+        if not (type(ts) is float and MIN_TS <= ts <= time.time() + MAX_FUTURE_S):   # the common case, checked fast
+            if "ts" not in d:
+                raise EventError("missing ts")
+            ts = parse_ts(ts)
 
         kind = d.get("kind")
-        if kind not in KINDS:
+        if kind not in _KIND_SET:
             raise EventError(f"unknown kind {str(kind)[:40]!r}; use one of {', '.join(KINDS)}")
 
         text = d.get("text", "" if kind == "reward" else None)
         if not isinstance(text, str):
             raise EventError(f"text must be a string, got {type(text).__name__}")
-        n = _utf8_len(text, "text")
+        n = len(text) if text.isascii() else _utf8_len(text, "text")
         if n > MAX_TEXT_BYTES:
             raise EventError(f"text is {n} bytes, over the {MAX_TEXT_BYTES} byte limit")
         if kind != "reward" and not text.strip():
@@ -159,17 +176,20 @@ class Event:
         elif kind == "reward":
             raise EventError("a reward event needs a numeric reward")
 
-        meta = d.get("meta") or {}
-        if not isinstance(meta, dict):
+        meta = d.get("meta")
+        if meta is None:
+            meta = {}
+        elif not isinstance(meta, dict):
             raise EventError(f"meta must be a JSON object, got {type(meta).__name__}")
-        n = _utf8_len(json.dumps(meta, ensure_ascii=False), "meta")
-        if n > MAX_META_BYTES:
-            raise EventError(f"meta is {n} bytes as JSON, over the {MAX_META_BYTES} byte limit")
+        elif meta:
+            n = _utf8_len(json.dumps(meta, ensure_ascii=False), "meta")
+            if n > MAX_META_BYTES:
+                raise EventError(f"meta is {n} bytes as JSON, over the {MAX_META_BYTES} byte limit")
 
         event_id = d.get("event_id")
         if event_id is None:
             event_id = default_event_id(user_id, episode_id, ts, kind, text)
-        elif not isinstance(event_id, str) or not _ID_RE.fullmatch(event_id):
+        elif not isinstance(event_id, str) or not _safe_id(event_id):
             raise EventError(f"event_id {str(event_id)[:80]!r} must be 1-128 letters, digits or _ . : @ -")
         return cls(event_id, user_id, episode_id, ts, kind, text, reward, meta)
 

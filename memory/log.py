@@ -256,7 +256,7 @@ class ExperienceLog:
     def _insert(self, events: list[Event], quarantine: list[tuple]) -> tuple[int, int]:
         now = time.time()
         rows = [(e.event_id, e.user_id, e.episode_id, e.ts, e.kind, e.text, e.reward,
-                 json.dumps(e.meta, ensure_ascii=False, sort_keys=True), now) for e in events]
+                 json.dumps(e.meta, ensure_ascii=False, sort_keys=True) if e.meta else "{}", now) for e in events]
         with self._write(f"appending {len(rows)} events") as conn:
             before = conn.total_changes
             conn.executemany(INSERT_EVENT, rows)

@@ -82,6 +82,9 @@ def test_iso_timestamps_are_utc():
     (ev(reward=True), "finite number"),
     (ev(kind="reward", text="", reward=None), "needs a numeric reward"),
     (ev(meta=[1]), "meta must be a JSON object"),
+    (ev(meta=[]), "meta must be a JSON object"),             # empty but not an object
+    (ev(meta=0), "meta must be a JSON object"),
+    (ev(meta=""), "meta must be a JSON object"),
     (ev(meta={"k": "v" * 5000}), "meta is"),
     (ev(colour="red"), "unknown field 'colour'"),
     ([1, 2], "must be a JSON object"),

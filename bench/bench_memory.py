@@ -1,0 +1,447 @@
+"""The experience log and consolidation: ingest throughput vs a plain JSONL append, consolidation time
+for 10,000 events of 100 users, and the junk gate's precision/recall on a planted mix.
+
+(a) Ingest, side by side in one run, repeats interleaved (log, plain, log, plain, ...), median of
+    ``--repeats``; both sides start from the same events and write to the same disk, neither fsyncs
+    per event (SQLite WAL with synchronous=NORMAL; the JSONL file is flushed once at the end):
+      * append:  ``ExperienceLog.append(dicts)`` (validation, id hashing, idempotent insert, batches
+                 of 5,000 per transaction) vs ``f.write(json.dumps(d) + "\\n")`` per dict;
+      * file:    ``ExperienceLog.ingest_jsonl(path)`` (also per-line quarantine bookkeeping) vs
+                 reading the same file, ``json.loads`` each line and appending ``json.dumps`` of it;
+      * one by one: ``append([d])`` per event (one transaction each: what a server does per
+                 request) vs write + flush per event.
+(b) Consolidation of 100 users x 100 events (20 support-desk episodes each, 1 in 10 planted junk)
+    with the model score OFF (``max_perplexity=0``: the embedded model is not run), the tokenizer of
+    ``--model`` (default smollm2-135m, the core's chat template) loaded once before timing.
+(c) Junk gate on a planted mix, judged per episode (request + action) by the named heuristics:
+      * good: (i) support / coding / cooking / travel / tutoring exchanges from templates with slots,
+        (ii) first sentences (>= 5 words) of Python standard-library docstrings as the action: real
+        prose that nobody wrote with these rules in mind;
+      * junk, dev: the strings the rules were written against (tests/memory/test_junk.py);
+      * junk, dev2: a first held-out set, run once against the first rules (0.67 removed), then used
+        to improve them (so no longer held out);
+      * junk, held out: templates written after that, with the rules frozen (social filler, scams,
+        phishing, stuffing, stutter, placeholders, test strings, bot boilerplate, ...), all with
+        random emoji / punctuation / casing variation; no rule was changed after seeing them.
+    With ``--model-score`` the perplexity gate under ``--model`` is added as consolidation runs it (the
+    request scored on its own, the action as the reply to it) on ``--model-score-episodes`` episodes
+    per set: threshold = 99th percentile on a random half of the good ones, evaluated on the rest.
+
+    flock /work/notes/heavy.lock python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+NOW = time.time()
+
+
+def machine() -> dict:
+    import sqlite3
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "load_average_at_start": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------- synthetic experience
+
+DESK = [  # request, naive action, refusal, right action, success
+    ("I want a refund for order {n}, {why}.", "Issue a refund for order {n}.",
+     "I need the last four digits of your card before I can refund order {n}.",
+     "Could you tell me the last four digits of the card you paid with?",
+     "Card ending {d} confirmed; the refund for order {n} is on its way."),
+    ("Please ship order {n} to my new address, {why}.", "Change the shipping address of order {n}.",
+     "I need you to verify the email address on the account before changing order {n}.",
+     "Could you confirm the email address on your account first?", "Email verified; order {n} will ship to the new address."),
+    ("Cancel my subscription {n}, {why}.", "Cancel the subscription now.",
+     "The account number is required to cancel a subscription.",
+     "Which plan are you on, and what is your account number?", "Subscription {n} cancelled, effective today."),
+]
+WHYS = ["it arrived broken", "it never arrived", "I moved last week", "it is too expensive", "I no longer use it",
+        "the colour is wrong", "I was charged twice", "I am travelling", "the office is closed", "I found another one"]
+
+
+def desk_events(user: str, n_episodes: int, rng: random.Random, prefix: str = "ep", junk_every: int = 10) -> list[dict]:
+    """Support-desk episodes: half fail first (the refusal says why) then succeed, 1 in ``junk_every`` is junk."""
+    out = []
+    for i in range(n_episodes):
+        ep, t = f"{prefix}{i}", NOW - 86400 * 60 + 20 * i
+        req, naive, refusal, right, success = rng.choice(DESK)
+        n, d, why = rng.randint(1000, 99999), rng.randint(1000, 9999), rng.choice(WHYS)
+        out.append({"user_id": user, "episode_id": ep, "ts": t, "kind": "context", "text": req.format(n=n, why=why)})
+        if junk_every and i % junk_every == junk_every - 1:
+            actions = [(rng.choice(["Like and subscribe for more!!! 🔥🔥", "lol ok", "great great great"]), "Nothing done.")]
+        elif i % 2:
+            actions = [(right, success)]
+        else:
+            actions = [(naive, refusal), (right, success)]
+        for j, (a, o) in enumerate(actions):
+            out.append({"user_id": user, "episode_id": ep, "ts": t + 2 * j + 1, "kind": "action", "text": a.format(n=n)})
+            out.append({"user_id": user, "episode_id": ep, "ts": t + 2 * j + 2, "kind": "observation",
+                        "text": o.format(n=n, d=d)})
+        out.append({"user_id": user, "episode_id": ep, "ts": t + 9, "kind": "reward", "text": "", "reward": 1.0})
+    return out
+
+
+def user_events(user: str, n: int, rng: random.Random) -> list[dict]:
+    """Exactly ``n`` events: whole episodes, topped up with feedback events on the last one."""
+    evs = desk_events(user, n // 3 + 1, rng)[:n]
+    while evs and evs[-1]["kind"] != "reward":   # no half episode at the end
+        evs.pop()
+    last = evs[-1]
+    evs += [{"user_id": user, "episode_id": last["episode_id"], "ts": last["ts"] + 1 + k, "kind": "feedback",
+             "text": f"Next time please send the receipt by email (note {k})."} for k in range(n - len(evs))]
+    return evs
+
+
+# ----------------------------------------------------------------------------- (a) ingest
+
+def bench_ingest(work: Path, n: int, repeats: int) -> dict:
+    from cogcore.memory.log import ExperienceLog
+    events = user_events("alice", n, random.Random(1))
+    src = work / "events.jsonl"
+    src.write_text("".join(json.dumps(e) + "\n" for e in events))
+    one_by_one = events[: max(1, n // 10)]
+
+    def fresh_log(tag: str) -> ExperienceLog:
+        for f in work.glob(f"{tag}.sqlite*"):
+            f.unlink()
+        return ExperienceLog.open(f"sqlite:///{work}/{tag}.sqlite")
+
+    def log_append():
+        log = fresh_log("append")
+        t = time.perf_counter()
+        added, _ = log.append(events)
+        dt = time.perf_counter() - t
+        log.close()
+        assert added == len(events)
+        return dt
+
+    def plain_append():
+        out = work / "plain.jsonl"
+        t = time.perf_counter()
+        with open(out, "w") as f:
+            for e in events:
+                f.write(json.dumps(e) + "\n")
+        return time.perf_counter() - t
+
+    def log_file():
+        log = fresh_log("file")
+        t = time.perf_counter()
+        r = log.ingest_jsonl(src, "alice")
+        dt = time.perf_counter() - t
+        log.close()
+        assert r.added == len(events) and not r.quarantined
+        return dt
+
+    def plain_file():
+        out = work / "plain-file.jsonl"
+        t = time.perf_counter()
+        with open(src) as f, open(out, "w") as g:
+            for line in f:
+                g.write(json.dumps(json.loads(line)) + "\n")
+        return time.perf_counter() - t
+
+    def log_single():
+        log = fresh_log("single")
+        t = time.perf_counter()
+        for e in one_by_one:
+            log.append([e])
+        dt = time.perf_counter() - t
+        log.close()
+        return dt
+
+    def plain_single():
+        out = work / "plain-single.jsonl"
+        t = time.perf_counter()
+        with open(out, "w") as f:
+            for e in one_by_one:
+                f.write(json.dumps(e) + "\n")
+                f.flush()
+        return time.perf_counter() - t
+
+    pairs = {"append": (log_append, plain_append, len(events)), "file": (log_file, plain_file, len(events)),
+             "one_by_one": (log_single, plain_single, len(one_by_one))}
+    out = {}
+    for name, (log_fn, plain_fn, count) in pairs.items():
+        log_fn(), plain_fn()   # warm-up (imports, page cache)
+        log_t, plain_t = [], []
+        for r in range(repeats):   # in turns, the first one alternating: a busy machine slows both alike
+            first, second = (log_fn, plain_fn) if r % 2 == 0 else (plain_fn, log_fn)
+            a, b = first(), second()
+            log_t.append(a if first is log_fn else b)
+            plain_t.append(b if first is log_fn else a)
+        ratios = [p / lg for lg, p in zip(log_t, plain_t)]   # events/s of the log over events/s of plain
+        lg, pl = count / statistics.median(log_t), count / statistics.median(plain_t)
+        out[name] = {"events": count, "log_events_per_s": round(lg), "plain_jsonl_events_per_s": round(pl),
+                     "ratio_log_over_plain_median_of_pairs": round(statistics.median(ratios), 3),
+                     "ratio_pairs": [round(x, 3) for x in ratios],
+                     "log_seconds": log_t, "plain_seconds": plain_t}
+        print(f"  ingest {name:<10} log {lg:>9,.0f} ev/s   plain JSONL {pl:>9,.0f} ev/s   "
+              f"ratio (median of {repeats} pairs) {statistics.median(ratios):.2f}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- (b) consolidation
+
+def bench_consolidation(work: Path, model: str, users: int, per_user: int) -> dict:
+    from cogcore.memory.consolidate import ConsolidateConfig, _tokenizer, consolidate_all
+    from cogcore.memory.log import ExperienceLog
+    rng = random.Random(2)
+    events = [e for u in range(users) for e in user_events(f"user{u:03d}", per_user, rng)]
+    log = ExperienceLog.open(f"sqlite:///{work}/consolidate.sqlite")
+    log.append(events)
+    t = time.perf_counter()
+    _tokenizer(model)
+    tok_s = time.perf_counter() - t
+    cfg = ConsolidateConfig(model=model, out=str(work / "sets"), progress=False, max_perplexity=0.0)
+    t = time.perf_counter()
+    sets = consolidate_all(log, cfg)
+    dt = time.perf_counter() - t
+    rows = sum(s.n_train for s in sets)
+    r = {"users": len(sets), "events": len(events), "model_score": "off (max_perplexity=0)", "tokenizer": model,
+         "tokenizer_load_s": round(tok_s, 2), "seconds": round(dt, 2), "events_per_s": round(len(events) / dt),
+         "seconds_per_user": round(dt / len(sets), 3), "train_rows": rows,
+         "heldout": sum(s.n_heldout for s in sets), "junk_dropped": sum(s.report["junk"]["dropped"] for s in sets),
+         "near_duplicates": sum(s.report["duplicates"]["near"] for s in sets),
+         "lessons_per_user": statistics.median(len(s.report["lessons"]) for s in sets)}
+    print(f"  consolidate {len(events)} events of {len(sets)} users: {dt:.1f}s ({len(events) / dt:,.0f} events/s; "
+          f"model score off; tokenizer load {tok_s:.1f}s not included)", flush=True)
+    log.close()
+    return r
+
+
+# ----------------------------------------------------------------------------- (c) junk gate
+
+GOOD_TEMPLATES = [
+    ("I'd like to return the {product} I bought on {date}; it stopped working.",
+     "I've started a return for order {n}; a prepaid label is on its way to {email}."),
+    ("Where is my parcel? The tracking page has not changed since {date}.", "lookup_order({n})"),
+    ("The {product} arrived with a cracked screen.", "refund(order={n}, amount={amt})"),
+    ("Can I change the delivery date for order {n}?", "Yes, order {n} can now arrive on {date}; I updated it."),
+    ("How do I read a CSV file in Python without loading it all into memory?",
+     "Use csv.reader on the open file and iterate row by row; each row is a list of strings."),
+    ("My script says KeyError: '{key}' when I parse the config.",
+     "The config has no '{key}' entry; use cfg.get('{key}', default) or add the key to the file."),
+    ("What can I use instead of buttermilk in pancakes?",
+     "Stir one tablespoon of lemon juice into a cup of milk and let it sit for five minutes."),
+    ("How long should I roast a {kg} kg chicken?", "At 200 °C, about {mins} minutes; check that the thigh reaches 75 °C."),
+    ("Book a table for two at {time} on Friday near the station.",
+     "search_restaurants(city='{city}', party=2, time='{time}')"),
+    ("Find me a train from {city} to Paris tomorrow morning.",
+     "The 08:{mm} train from {city} arrives in Paris at 11:{mm2}; shall I reserve a seat?"),
+    ("Why is the derivative of x squared equal to 2x?",
+     "Expand (x+h)^2 - x^2, divide by h and let h go to zero: you are left with 2x."),
+    ("What is {a} times {b}?", "{a} x {b} = {c}."),
+    ("Thanks, that fixed it!", "Glad it works now. Anything else I can help with?"),
+    ("Is order {n} shipped yet?", "Yes, order {n} shipped today."),
+    ("Please cancel my {product} order.", "Done! Order {n} is cancelled and you will not be charged."),
+    ("Can you summarise the meeting notes?",
+     "Three decisions: ship v2 on {date}, hire one more tester, and move the review to Thursdays."),
+]
+PRODUCTS = ["kettle", "laptop stand", "rain jacket", "coffee grinder", "desk lamp", "phone case", "router", "blender"]
+CITIES = ["Lyon", "Brussels", "Geneva", "Lille", "Cologne", "Basel"]
+
+# Held-out junk, first version: written for this benchmark against the rules as first committed and run
+# once (0.67 of 200 planted episodes removed; see notes/memory.md). The rules were then improved while
+# looking at these, so they are development data now ("junk_dev2").
+DEV2_JUNK = [
+    "first", "frist!", "bump", "bumping this", "^^^ this", "who else is here in {year}?", "{name} did it again",
+    "nice post! visit my profile for more", "Earn passive income with crypto, DM for details",
+    "follow back? f4f", "I'm literally crying rn", "this. just this.", "ratio + L + you fell off",
+    "POV: you just realized it's Monday", "no because why is this so true", "hahahaha yes", "...", "??", "k",
+    "Hot singles in your area are waiting for you", "Get rich quick: the one trick banks don't want you to know",
+    "Subscribe to my newsletter for exclusive drops", "I I I don't know know", "The the the the best best product",
+    "Buy cheap watches online best price cheap watches discount watches cheap", "Hello dear, I am Mrs. {name} from "
+    "the bank, kindly send your details to claim the inheritance", "Read more at example dot com slash deal",
+    "qwertyuiop", "jfjfjfjfjf", "Great question! Great question! Great question!", "[Agent Name] will reply within "
+    "[X] hours.", "u up?", "idk lol whatever works", "same tbh", "this is the way", "Sent from my iPhone",
+    "Limited stock!! Grab yours before it's gone", "cool story bro", "Wow. Just wow.", "me when the {product} lol",
+]
+# Held-out junk, second version: written after the rules were changed for DEV2_JUNK and frozen
+# again; not used to change any rule.
+HELDOUT_JUNK = [
+    "Hey guys, welcome back to my channel", "Respectfully, this ain't it chief", "can't stop won't stop", "🙏🙏",
+    "👀", "ty ty", "gm", "gm fam", "wagmi, to the moon", "Send 0.1 ETH to this wallet and receive 1 ETH back",
+    "Your package could not be delivered, confirm your address at parcel-redelivery.co",
+    "Act fast, only 3 left in stock", "I make $8000 a month from home, ask me how",
+    "this comment section is a mess", "who asked", "Based.", "real", "Top 10 reasons why you should care "
+    "(number 7 will shock you)", "Ok ok ok ok", "nah nah nah that's crazy", "asdkjaslkdj", "zzzzzz", "mmhmm",
+    ".......", "Hi {name}, we noticed unusual activity. Verify your account here", "Reply STOP to unsubscribe",
+    "Best {product} best {product} best {product} deals", "Thank you thank you thank you so much",
+    "Please please please answer", "Agent: Customer: Agent: Customer:", "<insert answer here>",
+    "TODO: write response", "N/A", "test test 123", "The quick brown fox jumps over the lazy dog",
+    "I am a bot, this action was performed automatically", "Watch till the end", "Rate this 1-10 in the comments",
+    "Stream {name}'s new album NOW", "Unpopular opinion: {product}s are overrated, fight me",
+]
+EMOJI = ["🔥", "😂", "💯", "🚀", "😭", "👇", "🙌", "💀", "✨"]
+
+
+def _fill(t: str, rng: random.Random) -> str:
+    a, b = rng.randint(2, 40), rng.randint(2, 40)
+    return t.format(product=rng.choice(PRODUCTS), date=f"{rng.randint(1, 28)} {rng.choice(['May', 'June', 'July'])}",
+                    n=rng.randint(1000, 99999), email=f"{rng.choice(['ana', 'li', 'sam'])}@example.com",
+                    amt=f"{rng.randint(5, 300)}.{rng.randint(0, 99):02d}", key=rng.choice(["port", "host", "token"]),
+                    kg=rng.choice(["1.5", "2", "2.5"]), mins=rng.choice([70, 80, 90, 100]), time=f"{rng.randint(18, 21)}:00",
+                    city=rng.choice(CITIES), mm=f"{rng.randint(0, 59):02d}", mm2=f"{rng.randint(0, 59):02d}",
+                    a=a, b=b, c=a * b, year=rng.choice([2023, 2024, 2025]), name=rng.choice(["Jake", "Mia", "Obi"]))
+
+
+def _vary_junk(t: str, rng: random.Random, fill: bool = True) -> str:
+    """Random casing, trailing emoji and punctuation: the same junk written a hundred ways."""
+    t = _fill(t, rng) if fill else t
+    r = rng.random()
+    if r < 0.2:
+        t = t.upper()
+    elif r < 0.4:
+        t = t.lower()
+    if rng.random() < 0.4:
+        t += " " + rng.choice(EMOJI) * rng.randint(1, 3)
+    if rng.random() < 0.3:
+        t += rng.choice(["!", "!!", "?", " :)", " lmao"])
+    return t
+
+
+def docstring_sentences(n: int, rng: random.Random) -> list[str]:
+    import re
+
+    from cogcore.train.data import builtin_records
+    out = []
+    for rec in builtin_records("stdlib-docs", 10_000, 0):
+        first = re.split(r"(?<=[.!?])\s", " ".join(rec["text"].split()), maxsplit=1)[0]
+        if len(first.split()) >= 5 and len(first) <= 300:
+            out.append(first)
+    rng.shuffle(out)
+    return out[:n]
+
+
+def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100) -> dict:
+    import importlib.util
+
+    from cogcore.memory.junk import judge_episode
+    rng = random.Random(3)
+    spec = importlib.util.spec_from_file_location(
+        "dev_junk", Path(__file__).resolve().parents[1] / "tests" / "memory" / "test_junk.py")
+    dev_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_module)
+    dev_junk = [t for texts in dev_module.JUNK.values() for t in texts]
+
+    contexts = [_fill(c, rng) for c, _ in GOOD_TEMPLATES]
+    sets: dict[str, list[list[str]]] = {
+        "good_templates": [[_fill(c, rng), _fill(a, rng)] for c, a in (rng.choice(GOOD_TEMPLATES) for _ in range(n_good))],
+        "good_docstrings": [["Explain what this part of the Python documentation says.", s]
+                            for s in docstring_sentences(n_good, rng)],
+        "junk_dev": [[rng.choice(contexts), _vary_junk(rng.choice(dev_junk), rng, fill=False)] for _ in range(n_junk)],
+        "junk_dev2": [[rng.choice(contexts), _vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
+        # held-out junk as the agent's action, and (one in three) as the user's whole request
+        "junk_heldout": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
+                         for i, j in enumerate(_vary_junk(rng.choice(HELDOUT_JUNK), rng) for _ in range(n_junk))],
+    }
+    result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
+    verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
+    for name, eps in sets.items():
+        flagged = [v for v in verdicts[name] if v]
+        by_rule: dict[str, int] = {}
+        for rule, _ in flagged:
+            by_rule[rule] = by_rule.get(rule, 0) + 1
+        is_junk = name.startswith("junk")
+        misses = [ep[1] if ep[1] != "Could you tell me more about what you need?" else ep[0]
+                  for ep, v in zip(eps, verdicts[name]) if bool(v) != is_junk]
+        share = len(flagged) / len(eps)
+        result["heuristics"][name] = {
+            "removed" if is_junk else "kept": round(share if is_junk else 1 - share, 4), "by_rule": by_rule,
+            "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(misses))[:12]}
+    # the headline: held-out junk against both good sets (dev junk only shows the rules do what they were written for)
+    junk = verdicts["junk_heldout"]
+    good = verdicts["good_templates"] + verdicts["good_docstrings"]
+    tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
+    result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
+                                        "good_kept": round(1 - fp / len(good), 4),
+                                        "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
+    h = result["heuristics"]
+    for name in sets:
+        key = "removed" if name.startswith("junk") else "kept"
+        print(f"  junk gate  {name:<16} {key} {h[name][key]:.3f}", flush=True)
+
+    if model_score:
+        result["with_model_score"] = _model_score(sets, verdicts, model, model_score_episodes, rng)
+    return result
+
+
+def _model_score(sets, verdicts, model: str, per_set: int, rng: random.Random) -> dict:
+    """The perplexity gate as consolidation runs it (request on its own, action as the reply to it) on
+    ``per_set`` episodes of each set; threshold = 99th percentile on a random half of the good ones."""
+    from cogcore.memory.junk import PerplexityScorer, episode_perplexity
+    t = time.perf_counter()
+    scorer = PerplexityScorer.load(model, batch_size=16)
+    picked = {name: rng.sample(range(len(eps)), min(per_set, len(eps))) for name, eps in sets.items()}
+    ppl = {name: [p for p, _ in episode_perplexity(scorer, [sets[name][i] for i in idx])] for name, idx in picked.items()}
+    seconds = time.perf_counter() - t
+    calib, evaluate = {}, {}
+    for name in ("good_templates", "good_docstrings"):
+        order = list(range(len(picked[name])))
+        rng.shuffle(order)
+        calib[name], evaluate[name] = order[: len(order) // 2], order[len(order) // 2:]
+    calib_ppl = sorted(ppl[n][j] for n in calib for j in calib[n])
+    threshold = calib_ppl[int(0.99 * (len(calib_ppl) - 1))]
+    out = {"model": model, "threshold": round(threshold, 2), "scoring_seconds": round(seconds, 1),
+           "episodes_scored_per_set": per_set,
+           "calibration": "99th percentile of episode perplexity on a random half of each good set; the other half "
+                          "and all junk are evaluated"}
+    for name in sets:
+        positions = evaluate.get(name, range(len(picked[name])))
+        heur = [bool(verdicts[name][picked[name][j]]) for j in positions]
+        high = [ppl[name][j] > threshold for j in positions]
+        dropped = [h or m for h, m in zip(heur, high)]
+        key = "removed" if name.startswith("junk") else "kept"
+        share = sum(dropped) / len(dropped)
+        out[name] = {key: round(share if key == "removed" else 1 - share, 4),
+                     f"heuristics_alone_{key}": round(sum(heur) / len(heur) if key == "removed" else 1 - sum(heur) / len(heur), 4),
+                     "dropped_by_model_only": sum(m and not h for h, m in zip(heur, high)), "evaluated_on": len(dropped),
+                     "median_perplexity": round(statistics.median(ppl[name][j] for j in positions), 1)}
+        print(f"  + model score ({model}, ppl > {threshold:.0f})  {name:<16} {key} {out[name][key]:.3f} "
+              f"(heuristics alone on the same episodes {out[name][f'heuristics_alone_{key}']:.3f})", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000, help="events per ingest repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--events-per-user", type=int, default=100)
+    ap.add_argument("--model", default="smollm2-135m", help="tokenizer for consolidation; model for --model-score")
+    ap.add_argument("--good", type=int, default=500, help="good episodes per good set")
+    ap.add_argument("--junk", type=int, default=500, help="junk episodes per junk set")
+    ap.add_argument("--model-score", action="store_true", help="also run the perplexity score (slow on CPU)")
+    ap.add_argument("--model-score-episodes", type=int, default=100, help="episodes per set scored by the model")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "memory.json"))
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cogcore-bench-memory-"))
+    result = {"what": "experience log ingest vs plain JSONL append; consolidation time; junk gate on a planted mix",
+              "settings": vars(args), "machine": machine(), "notes": __doc__.split("\n\n")[1].strip()}
+    print("== ingest", flush=True)
+    result["ingest"] = bench_ingest(work, args.events, args.repeats)
+    print("== consolidation", flush=True)
+    result["consolidation"] = bench_consolidation(work, args.model, args.users, args.events_per_user)
+    print("== junk gate", flush=True)
+    result["junk_gate"] = bench_junk(args.good, args.junk, args.model_score, args.model, args.model_score_episodes)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
