@@ -99,7 +99,8 @@ def test_packed_forward_equals_separate_documents():
     rows = pack(docs, seq_len=20, pad_id=0)
     assert len(rows) == 1
     b = make_batch(rows, torch.tensor([0]))
-    packed = model(b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"]).logits[0]
+    # use_cache=False: transformers reads packing from position ids only without a cache
+    packed = model(b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0]
     off = 0
     for d in docs:
         n = len(d.input_ids)
@@ -124,3 +125,32 @@ def test_batch_plan_is_a_function_of_step_and_splits_ranks():
         assert sorted(a.tolist()) == sorted(b.tolist())
     epoch0 = torch.cat([torch.cat(one.micro_batches(s, 0)) for s in range(7)])[:50]
     assert sorted(epoch0.tolist()) == list(range(50))  # each row once per epoch
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss(attn, one_thread):
+    """The same documents packed into few rows or one per row give the same loss, and each
+    document's logits are those it gets alone (no future token, no other document leaks in)."""
+    from cogcore.train.lm import CausalLMLoss, decoder_hidden
+    model = load_model("tiny-llama").eval()
+    model.set_attn_implementation(attn)
+    torch.manual_seed(1)
+    docs = [Document(torch.randint(0, 256, (n,)).tolist(), [0] + [1] * (n - 1)) for n in (7, 12, 3, 9, 20, 5)]
+    packed, unpacked = pack(docs, 32, 0, packing=True), pack(docs, 32, 0, packing=False)
+    assert len(packed) < len(unpacked) == len(docs)
+    loss = CausalLMLoss(model)
+    with torch.no_grad():
+        a = loss(make_batch(packed, torch.arange(len(packed))))
+        b = loss(make_batch(unpacked, torch.arange(len(unpacked))))
+        torch.testing.assert_close(a["loss_sum"], b["loss_sum"], atol=1e-5, rtol=1e-5)
+        assert a["weight"] == b["weight"]
+        hp = decoder_hidden(model, make_batch(packed, torch.arange(len(packed))))
+        for r in range(len(packed)):
+            for d in packed.doc_ids[r].unique().tolist():
+                if d < 0:
+                    continue
+                span = (packed.doc_ids[r] == d).nonzero()[:, 0]
+                alone = decoder_hidden(model, {"input_ids": packed.input_ids[r:r + 1, span],
+                                               "position_ids": packed.position_ids[r:r + 1, span]})
+                torch.testing.assert_close(hp[r, span], alone[0], atol=1e-5, rtol=1e-5)
+    assert "attention_mask" not in make_batch(packed, torch.arange(1))  # nothing O(T^2) per batch

@@ -12,7 +12,11 @@ A *document* is ``input_ids`` plus ``weights`` aligned with it: ``weights[i]`` i
 weight of predicting ``input_ids[i]`` from the tokens before it (``weights[0]`` is always 0).
 
 Packing concatenates documents into rows of ``seq_len`` tokens. Position ids restart at each
-document and the attention mask is block-diagonal, so no token sees another document.
+document, and that is all a batch says about its documents: with no attention mask given,
+transformers reads packed sequences from the position ids (varlen flash attention; SDPA and
+eager get a block-causal mask from its masking utilities; only without a KV cache, so forward
+with ``use_cache=False``), so no token sees another document and no (B, T, T) mask is built here. Padding has position id 0, so each padding slot is a
+sequence of its own.
 """
 
 from __future__ import annotations
@@ -298,7 +302,9 @@ def pack(docs: Iterable[Document], seq_len: int, pad_id: int, packing: bool = Tr
 
 
 def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal within a document, nothing across documents.
+    """(B, 1, T, T) bool: causal within a document, nothing across documents — a reference for
+    tests; batches do not carry it (eager attention ignores a boolean 4-D mask, flash attention
+    takes it for a padding mask, and it is O(T²)).
 
     Padding positions attend to themselves only, so no softmax row is empty (an empty row
     gives NaN, and NaN times a zero loss weight is still NaN).
@@ -318,7 +324,6 @@ def make_batch(rows: PackedRows, index: torch.Tensor) -> dict[str, torch.Tensor]
         "doc_ids": doc_ids,
         "input_ids": rows.input_ids[index],
         "position_ids": rows.position_ids[index],
-        "attention_mask": attention_mask(doc_ids),
         "target_ids": rows.target_ids[index],
         "target_weights": rows.target_weights[index],
     }

@@ -12,8 +12,9 @@ def decoder_hidden(lm: nn.Module, batch: dict) -> torch.Tensor:
     Recipes compute the loss from these and the lm_head weight in chunks, so the
     (B·T × vocab) logits never exist in memory at once.
     """
+    # No mask for packed rows: transformers finds the documents from the restarting position ids.
     out = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                           attention_mask=batch["attention_mask"], use_cache=False)
+                           attention_mask=batch.get("attention_mask"), use_cache=False)
     return out.last_hidden_state
 
 

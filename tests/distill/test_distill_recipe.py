@@ -294,7 +294,13 @@ def test_every_model_is_on_the_device_before_the_heldout_kl(tmp_path, monkeypatc
         seen.append(("loop", next(module.parameters()).device.type))
         return TrainResult(0, 0.0, float("nan"), [], None, 0.0, 0.0, None, str(run_dir))
 
+    def teacher_hidden(self, batch):  # the teacher's forward, without arithmetic on meta
+        seen.append(("teacher", next(self.model.parameters()).device.type, batch["input_ids"].device.type))
+        return torch.empty(*batch["input_ids"].shape, self.model.config.hidden_size, device=batch["input_ids"].device)
+
     monkeypatch.setattr(recipe, "heldout_kl", record)
     monkeypatch.setattr(recipe, "train", stop)
+    monkeypatch.setattr(recipe.LiveTeacher, "hidden", teacher_hidden)
     recipe.run(make(tmp_path, "teacher_mode=live", "train.max_steps=2"), di=DistInfo(device=torch.device("meta")))
-    assert seen == [("meta", {"meta"}, "meta"), ("loop", "meta")]
+    assert seen[-2:] == [("meta", {"meta"}, "meta"), ("loop", "meta")]
+    assert set(seen[:-2]) == {("teacher", "meta", "meta")}

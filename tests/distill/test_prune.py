@@ -24,8 +24,7 @@ def batches():
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
 def teacher(name: str, tied: bool = True):
