@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]     # results go to $OUT, else OUT_DIR, else bench/results
 #
-# 1. pytest -m gpu tests/kernels        Triton + Liger vs the torch references at real sizes
+# 1. pytest -m gpu tests/kernels tests/test_data.py   Triton + Liger vs the torch references at real
+#    sizes; packed loss == unpacked loss with flash-attn (when installed), SDPA and eager on CUDA
 # 2. pytest tests/kernels/triton_cases.py   the interpreter's odd tiny shapes, compiled for the GPU
 # 3. python bench/bench_kernels.py --device cuda  linear JSD at V=128256 (naive / chunked / triton /
 #    Liger x2), gathered LoRA vs loop, LoRA decode overhead over the base matmul, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
@@ -53,7 +54,7 @@ step() {  # step NAME SECONDS LOGFILE CMD... : run with a time limit, keep the l
 : >"$OUT_DIR/kernels_gpu_tests.txt"
 : >"$OUT_DIR/kernels_gpu_bench.txt"
 step gpu_tests 140 "$OUT_DIR/kernels_gpu_tests.txt" \
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_data.py
 step triton_cases 40 "$OUT_DIR/kernels_gpu_tests.txt" \
     "$PY" -m pytest -q -p no:cacheprovider tests/kernels/triton_cases.py
 step bench 110 "$OUT_DIR/kernels_gpu_bench.txt" \

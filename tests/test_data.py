@@ -154,3 +154,24 @@ def test_packed_loss_equals_unpacked_loss(attn, one_thread):
                                                "position_ids": packed.position_ids[r:r + 1, span]})
                 torch.testing.assert_close(hp[r, span], alone[0], atol=1e-5, rtol=1e-5)
     assert "attention_mask" not in make_batch(packed, torch.arange(1))  # nothing O(T^2) per batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["flash_attention_2", "sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss_on_cuda(attn):
+    """The same on a GPU, flash attention included (varlen from the restarting position ids)."""
+    import importlib.util
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    from cogcore.train.lm import CausalLMLoss
+    model = load_model("tiny-llama").to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation(attn)
+    torch.manual_seed(1)
+    docs = [Document(torch.randint(0, 256, (n,)).tolist(), [0] + [1] * (n - 1)) for n in (7, 12, 3, 9, 20, 5)]
+    packed, unpacked = pack(docs, 32, 0, packing=True), pack(docs, 32, 0, packing=False)
+    loss = CausalLMLoss(model)
+    with torch.no_grad():
+        a, b = (loss({k: v.cuda() for k, v in make_batch(r, torch.arange(len(r))).items()}) for r in (packed, unpacked))
+    torch.testing.assert_close(a["loss_sum"].float(), b["loss_sum"].float(), rtol=2e-2, atol=1e-2)
