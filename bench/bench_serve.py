@@ -144,7 +144,7 @@ def throughput(args, eng, base_spec, reg, tok, result: dict) -> None:
     gen = dict(max_new_tokens=T, min_new_tokens=T, do_sample=False, pad_token_id=tok.pad_token_id)
     one_by_one, peft_tokens = [], []
     with torch.no_grad():
-        for r in range(args.peft_repeats):
+        for _ in range(args.peft_repeats):
             t0 = time.perf_counter()
             toks = []
             for i, u in zip(ids, users):
@@ -159,7 +159,7 @@ def throughput(args, eng, base_spec, reg, tok, result: dict) -> None:
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         mixed, hf_core = [], []
-        for r in range(args.peft_repeats):
+        for _ in range(args.peft_repeats):
             t0 = time.perf_counter()
             pm.generate(**enc, adapter_names=users, **gen)
             mixed.append(n * T / (time.perf_counter() - t0))

@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cogcore.lora.registry import LIVE, AdapterArtifact, AdapterRegistry, check_user
 from cogcore.train.config import CogcoreError

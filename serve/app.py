@@ -36,7 +36,16 @@ from cogcore.train.config import CogcoreError
 from cogcore.train.config import field as cfg_field
 
 from .adapters import CORE, ModelTarget, UnknownModel
-from .engine import BadRequest, Delta, Engine, EngineConfig, GenerationRequest, GenerationResult, QueueFull, RequestTimeout
+from .engine import (
+    BadRequest,
+    Delta,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    RequestTimeout,
+)
 
 log = logging.getLogger("cogcore.serve")
 
@@ -394,7 +403,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     cfg = cfg or ServeConfig(engine=engine.cfg)
     keys = keys if keys is not None else KeyRing()

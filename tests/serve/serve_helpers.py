@@ -1,16 +1,15 @@
-"""Helpers and fixtures of the serve tests (imported by name: a second conftest.py would shadow tests/conftest.py): a tiny-llama core and real PEFT adapters published through the registry."""
+"""Helpers of the serve tests (fixtures are in conftest.py): real PEFT adapters on a tiny-llama core,
+published through the registry, and PEFT's greedy output as the reference."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
-import pytest
 import torch
 
 from cogcore.lora.registry import AdapterRegistry
-from cogcore.train.model import ModelSpec, load_model, load_tokenizer
-from cogcore.train.sft import LoraConfig, add_lora
+from cogcore.train.model import ModelSpec, load_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (user, rank, alpha, targets, use_rslora): ranks differ (zero padding), targets differ (untargeted layers
@@ -20,16 +19,6 @@ ADAPTERS = [("alice", 4, 8.0, ["q_proj", "v_proj"], False),
             ("carol", 2, 4.0, ["q_proj", "k_proj", "o_proj", "down_proj"], True)]
 PROMPTS = ["Hello there, how are", "The capital of France is", "abc", "once upon a time, in a land far away,"]
 
-
-@pytest.fixture(scope="session")
-def base():
-    torch.set_num_threads(1)
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return load_tokenizer("tiny-llama")
 
 
 def make_adapter(base_model, out: Path, seed: int, r: int = 4, alpha: float = 8.0, targets=("q_proj", "v_proj"),
@@ -56,13 +45,6 @@ def publish_all(registry: AdapterRegistry, base_model, tmp: Path, seed0: int = 1
         registry.publish(user, make_adapter(base_model, tmp / f"{user}-{i}", seed0 + i, r, alpha, targets, rslora),
                          base_hash=base_model.base_hash)
 
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory, base):
-    tmp = tmp_path_factory.mktemp("serve-reg")
-    reg = AdapterRegistry(tmp / "adapters")
-    publish_all(reg, base, tmp)
-    return reg
 
 
 def fresh_model():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from serve_helpers import ADAPTERS, PROMPTS, SPEC, base, fresh_model, make_adapter, registry  # noqa: F401 (fixtures)
+from serve_helpers import ADAPTERS, PROMPTS, SPEC, fresh_model, make_adapter
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.serve.adapters import AdapterCache, AdapterRef, UnknownModel, parse_model_name

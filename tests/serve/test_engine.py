@@ -7,9 +7,16 @@ import time
 
 import pytest
 import torch
-from serve_helpers import ADAPTERS, PROMPTS, SPEC, base, fresh_model, peft_greedy, registry  # noqa: F401 (fixtures)
+from serve_helpers import ADAPTERS, PROMPTS, SPEC, fresh_model, peft_greedy
 
-from cogcore.serve.engine import BadRequest, Engine, EngineConfig, GenerationRequest, QueueFull, RequestTimeout
+from cogcore.serve.engine import (
+    BadRequest,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    QueueFull,
+    RequestTimeout,
+)
 
 N_NEW = 16
 

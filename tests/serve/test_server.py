@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_helpers import PROMPTS, SPEC, base, fresh_model, make_adapter  # noqa: F401 (fixtures)
+from serve_helpers import PROMPTS, SPEC, fresh_model, make_adapter
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.memory.log import ExperienceLog

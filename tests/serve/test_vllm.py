@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from serve_helpers import base, make_adapter  # noqa: F401 (fixtures)
+from serve_helpers import make_adapter
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.serve.app import ServeConfig
