@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # --model changes it (tiny-llama: a quick shakedown of the script)
 
 
 def machine() -> dict:
@@ -210,12 +210,12 @@ def switch_cost(args, base_spec, reg, tok, result: dict) -> None:
     lat: dict[str, list[float]] = {"disk": [], "cpu": [], "device": []}
     with eng:
         eng.generate(text, "core", max_tokens=2)  # warm-up
-        for u in users[2:]:  # first request of each: read from the registry on disk
+        for u in users:  # first request of each adapter: read from the registry on disk
             lat["disk"].append(eng.generate(text, f"{u}@v1", max_tokens=n_tok).total_s)
-        for _ in range(2):  # every adapter now in the CPU tier; 2 slots, so each request writes a slot
-            for u in users[2:]:
+        for _ in range(2):  # all in the CPU tier now; round robin over > 2 adapters: every request writes a slot
+            for u in users:
                 lat["cpu"].append(eng.generate(text, f"{u}@v1", max_tokens=n_tok).total_s)
-        for _ in range(len(lat["cpu"])):
+        for _ in range(len(lat["cpu"])):  # the same adapter again and again: always on the device
             lat["device"].append(eng.generate(text, f"{users[-1]}@v1", max_tokens=n_tok).total_s)
         st = eng.cache.state()
     p50 = {k: statistics.median(v) * 1000 for k, v in lat.items()}
@@ -285,7 +285,7 @@ def load_test(args, reg, tok, result: dict, home: Path) -> None:
     sustainable = (tp or args.assume_tokens_per_s) / args.new_tokens  # requests/s the engine can finish
     rate = 4 * sustainable
     users = [f"user{i:02d}" for i in range(args.adapters)]
-    srv = spawn_server(["--model", MODEL, "--port", "0", "--adapters", str(reg.root), "--max-batch",
+    srv = spawn_server(["--model", args.model, "--port", "0", "--adapters", str(reg.root), "--max-batch",
                         str(args.requests), "--max-queue", str(args.requests), "--adapters-on-device",
                         str(args.adapters), "--max-rank", str(args.rank), "--timeout", "300"],
                        timeout=300, home=str(home))
@@ -328,7 +328,7 @@ def nf4(args, reg, tok, result: dict) -> None:
     out: dict = {"probes": len(probes), "new_tokens": args.nf4_tokens, "models": models}
     answers = {}
     for quant in ("none", "nf4"):
-        spec = ModelSpec(MODEL, quantize=quant)
+        spec = ModelSpec(args.model, quantize=quant)
         eng = Engine(EngineConfig(model=spec, adapters_on_device=4, max_rank=args.rank, max_batch=len(probes)), reg)
         mem = sum(t.numel() * t.element_size() for t in list(eng.model.parameters()) + list(eng.model.buffers()))
         lora = sum(L.lora_A.numel() * L.lora_A.element_size() + L.lora_B.numel() * L.lora_B.element_size()
@@ -361,6 +361,7 @@ def nf4(args, reg, tok, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=MODEL)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
@@ -381,10 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     from cogcore.serve.engine import Engine, EngineConfig
     from cogcore.train.model import ModelSpec, load_model, load_tokenizer, resolve
 
-    spec = ModelSpec(MODEL)
+    spec = ModelSpec(args.model)
     resolve(spec)  # convert the embedded GGUF once, outside any timing
     tok = load_tokenizer(spec)
-    result: dict = {"machine": machine(), "model": MODEL, "args": vars(args)}
+    result: dict = {"machine": machine(), "model": args.model, "args": vars(args)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every part: a later failure keeps what was measured
+        out.write_text(json.dumps(result, indent=1))
+
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         t0 = time.perf_counter()
@@ -398,18 +405,21 @@ def main(argv: list[str] | None = None) -> int:
             with eng:
                 throughput(args, eng, spec, reg, tok, result)
             del eng
+            save()
         if "switch" in parts:
+            if args.adapters < 3:
+                raise SystemExit("the switch part needs --adapters >= 3 (2 device slots + adapters that miss them)")
             switch_cost(args, spec, reg, tok, result)
+            save()
         if "load" in parts:
             from cogcore.train.workspace import get_workspace
             load_test(args, reg, tok, result, get_workspace().root)
+            save()
         if "nf4" in parts:
             nf4(args, reg, tok, result)
+            save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "args")}, indent=1))
     return 0
 

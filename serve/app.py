@@ -526,6 +526,9 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None, keys: KeyRing | N
         principal = keys.authenticate(request.headers.get("authorization"))
         target = resolve(body, principal)
         s = parse_sampling(body, cfg.default_max_tokens if chat else 16, engine.cfg.max_tokens_limit)
+        if engine.full():  # refuse before templating and tokenizing: a flood of 429s stays cheap
+            e = engine.busy_error()
+            raise ApiError(429, str(e), "queue_full", headers={"Retry-After": str(int(round(e.retry_after)))})
         user = user_of(target, principal, s)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if chat:

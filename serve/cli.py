@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a bitsandbytes-quantized base with the adapters on top")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="Python GIL switch interval: short keeps decoding fast while HTTP is busy")
     g = p.add_argument_group("http")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="0 = a free port")
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # The decode thread gives up the GIL in every torch op; under an HTTP flood the event loop
+    # holds it for the default 5 ms each time (convoy). A shorter interval keeps decoding going.
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     from .app import Server
     t0 = time.perf_counter()
     server = Server(cfg, registry=registry)

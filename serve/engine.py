@@ -424,6 +424,15 @@ class Engine:
         rate = sum(n for _, n in recent) / 10 if recent else 0.0
         return max(1.0, min(60.0, (len(self._waiting) / rate) if rate > 0 else 5.0))
 
+    def full(self) -> bool:
+        """Whether a request submitted now would be refused (checked again, exactly, in submit)."""
+        return len(self._waiting) - max(0, self.cfg.max_batch - len(self._rows)) >= self.cfg.max_queue
+
+    def busy_error(self) -> QueueFull:
+        self.counters["rejected"] += 1
+        return QueueFull(f"the server is busy: {len(self._rows)} requests decoding and {len(self._waiting)} "
+                         f"waiting (limit {self.cfg.max_queue}); retry later", self.retry_after())
+
     def submit(self, request: GenerationRequest, sink: Callable[[Delta], None] | None = None) -> RequestHandle:
         """Queue a request; raises BadRequest (400) or QueueFull (429) at once, else returns its handle."""
         self._check(request)
@@ -435,12 +444,8 @@ class Engine:
             row.generator = torch.Generator().manual_seed(
                 request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
         with self._cv:
-            # a free batch row takes a request at the next step: only the excess over them queues
-            queued = len(self._waiting) - max(0, self.cfg.max_batch - len(self._rows))
-            if queued >= self.cfg.max_queue:
-                self.counters["rejected"] += 1
-                raise QueueFull(f"the server is busy: {len(self._rows)} requests decoding and {len(self._waiting)} "
-                                f"waiting (limit {self.cfg.max_queue}); retry later", self.retry_after())
+            if self.full():  # a free batch row takes a request at the next step: only the excess queues
+                raise self.busy_error()
             self._waiting.append(row)
             self.counters["requests"] += 1
             self._cv.notify_all()
