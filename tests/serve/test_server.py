@@ -213,3 +213,17 @@ def test_metrics(setup):
     assert hits > 0
     health = httpx.get(srv.url + "/health").json()
     assert health["finished"] > 10 and health["running"] == 0 and json.dumps(health)
+
+
+def test_in_process_server(registry):
+    """`Server` (what the demo can use): the same app on a thread of this process, port 0."""
+    from cogcore.serve.app import Server, ServeConfig
+    torch.set_num_threads(1)
+    cfg = ServeConfig(engine=EngineConfig(model=SPEC, adapters_on_device=2), port=0)
+    with Server(cfg, registry=registry) as srv:
+        assert srv.port > 0 and srv.url == f"http://127.0.0.1:{srv.port}"
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="open", max_retries=0)
+        r = c.chat.completions.create(model="core:bob", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.system_fingerprint == "bob@v1" and r.usage.completion_tokens <= 3
+        assert srv.engine.running == 0
+    assert srv.engine._thread is None  # the lifespan stopped the engine
