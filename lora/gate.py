@@ -30,11 +30,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from cogcore.train.config import field
-from cogcore.train.data import pack, read_records, tokenize_record
-from cogcore.train.distributed import DistInfo
+from cogcore.train.data import make_batch, pack, read_records, tokenize_record
 from cogcore.train.lm import CausalLMLoss
-from cogcore.train.loop import evaluate
 
 
 @dataclass
@@ -104,8 +104,17 @@ def weighted_loss(model, tokenizer, records: list[dict], seq_len: int, batch_siz
     if not docs:
         return float("nan"), 0
     rows = pack(docs, seq_len, tokenizer.pad_token_id, packing=True)
+    # no collectives here: under --nproc only rank 0 gates while the others wait at a barrier
     device = next(model.parameters()).device
-    return evaluate(CausalLMLoss(model), rows, batch_size, DistInfo(device=device)), len(docs)
+    scorer = CausalLMLoss(model)
+    loss_sum, weight = 0.0, 0.0
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            batch = make_batch(rows, torch.arange(s, min(s + batch_size, len(rows))))
+            out = scorer({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            loss_sum += float(out["loss_sum"])
+            weight += float(out["weight"])
+    return loss_sum / max(weight, 1e-9), len(docs)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -234,6 +234,9 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
     if not cfg.user:
         raise ConfigError("say whose adapter to refresh: --user U (or user=U), or use --all-due")
     di = di or setup()
+    if di.strategy in ("fsdp2", "zero3"):  # a LoRA is small: shard the optimizer (zero2) at most
+        raise CogcoreError(f"refresh runs on one process, DDP or ZeRO-2, not {di.strategy}: an adapter is too small "
+                           "to shard; use --dist ddp (or zero2)")
     registry = registry or AdapterRegistry()
     user = cfg.user
     with refresh_lock(registry, user, cfg.lock_timeout, di):
@@ -283,7 +286,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
             report, art = gate_and_publish(model, tokenizer, cfg, user=user, cset=cset, adapter_dir=adapter_dir,
                                            run_dir=run_dir, base=base, registry=registry, lineage=lineage)
             published = art.name if art else None
-        barrier()
+        report, published = broadcast_object((report, published))  # every rank ends with rank 0's verdict
         live = registry.live_version(user)
         out = RefreshResult(user, cset.version, str(run_dir), bool(report and report["passed"]), published,
                             f"{user}@v{live}" if live else None, list(report["reasons"]) if report else [],
