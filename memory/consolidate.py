@@ -387,16 +387,28 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
         report = _new_report(user, cfg, since, n_events, len(episodes), last_event_ts)
 
         # 2. drop incomplete, junk and duplicate episodes
-        kept = []
+        kept, junk_steps = [], set()
         for ep in _bar(episodes, f"{user}: junk gate", cfg.progress):
             if not ep.context or not ep.steps:
                 _count(report["incomplete"], ep.episode_id)
                 continue
-            verdict = judge_episode(ep.texts(), [r for r in cfg.junk_rules if r in RULES])
+            # Judge the request and the actions a policy would learn from. A first action the environment
+            # rejected may be junk itself (an empty or "ok" reply from a weak core): the episode still
+            # teaches, through the environment's answer and the correction; only that step is not
+            # used as a world-model example.
+            rules = [r for r in cfg.junk_rules if r in RULES]
+            o = outcome(ep, cfg.policy_without_outcome)
+            failed = set(o.failed) if o.right is not None else set()  # no correction: judge every action
+            kept_texts = [ep.context] + [s.action for i, s in enumerate(ep.steps) if i not in failed]
+            verdict = judge_episode([t for t in kept_texts if t], rules)
             if verdict:
                 _count(report["junk"]["rules"][verdict[0]], _clip(verdict[1], 160))
                 continue
+            for i in failed:
+                if junk_rule(ep.steps[i].action, rules) or not ep.steps[i].action.strip():
+                    junk_steps.add((ep.episode_id, i))
             kept.append(ep)
+        report["junk"]["failed_actions_not_used"] = len(junk_steps)
         if cfg.max_perplexity > 0 and "perplexity" in cfg.junk_rules and kept:
             kept = _perplexity_gate(kept, cfg, report)
         report["junk"]["dropped"] = sum(r["count"] for r in report["junk"]["rules"].values())
@@ -434,8 +446,8 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
             if o.right is not None:
                 rows.append({"segments": policy_segments(tok, ep, o.right, cfg.policy_weight), "target": "policy",
                              "episode_id": ep.episode_id, "source": "experience"})
-            for step in ep.steps:
-                if step.observation:
+            for i, step in enumerate(ep.steps):
+                if step.observation and (ep.episode_id, i) not in junk_steps:
                     rows.append({"segments": world_segments(tok, ep, step, cfg.world_weight), "target": "world",
                                  "episode_id": ep.episode_id, "source": "experience"})
         rng = random.Random(f"{cfg.seed}:{user}")
@@ -501,7 +513,10 @@ def _count(slot: dict, example: str) -> None:
 
 
 def _episode_text(ep: Episode) -> str:
-    return "\n".join([ep.context] + [f"{s.action}\n{s.observation}" for s in ep.steps])
+    """What near-duplicate detection compares: the request and the actions. The environment's answers
+    are left out: a rule-following environment repeats itself by design, and with them every episode
+    of one rule looked like a near copy of the others."""
+    return "\n".join(ep.texts())
 
 
 def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:

