@@ -457,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         return launch(child, args.nproc, args.dist)
     from cogcore.train.distributed import teardown
     if args.user:
-        result = run(cfg)
+        run(cfg)  # a refusal by the gate is an outcome, not an error: the summary says why
         teardown()  # a no-op in one process; under torchrun every rank leaves the group cleanly
-        return 0 if result.passed or result.passed is None else 1
+        return 0
     di = setup()
     due = broadcast_object(due_users(cfg) if di.is_main else None)  # every rank trains the same users
     if di.is_main:
