@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"brainrot_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "brainrot dose-response", "model": model, "machine": machine(),
-           "command": "python -m cogcore.bench.bench_brainrot " + " ".join(argv or []),
+           "command": "python -m cogcore.bench.bench_brainrot " + " ".join(sys.argv[1:] if argv is None else argv),
            "refresh": {"steps": steps, "lr": lr, "episodes": args.episodes, "replay_share": replay, "extra": extra},
            "setup_seconds": round(base_s, 1), "results": results,
            "verdict": {"published_at_0": results[0]["passed"] if shares[0] == 0 else None,

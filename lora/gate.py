@@ -36,6 +36,8 @@ from cogcore.train.config import field
 from cogcore.train.data import make_batch, pack, read_records, tokenize_record
 from cogcore.train.lm import CausalLMLoss
 
+GATE_VERSION = 1  # bump when what the gate measures changes: the cached base numbers are keyed by it
+
 
 @dataclass
 class GateConfig:
@@ -319,7 +321,7 @@ def leak_rate(model, tokenizer, prompts: list[list[int]], patterns: list, cfg: G
 
 def _base_general(model, tokenizer, cfg: GateConfig, cache_dir: Path | None, base_tag: str) -> dict:
     """The base's general metrics, cached per base and gate settings (the same for every user)."""
-    key = hashlib.sha256(json.dumps([base_tag, cfg.probes, cfg.probe_max_new_tokens, cfg.general_source,
+    key = hashlib.sha256(json.dumps([GATE_VERSION, base_tag, cfg.probes, cfg.probe_max_new_tokens, cfg.general_source,
                                      cfg.general_documents, cfg.seq_len]).encode()).hexdigest()[:16]
     path = cache_dir / f"gate-base-{key}.json" if cache_dir is not None and base_tag else None
     if path is not None and path.is_file():
@@ -458,7 +460,8 @@ def other_users_heldout(user: str, limit_users: int) -> dict[str, list[dict]]:
     root = sets_root()
     if limit_users <= 0 or not root.is_dir():
         return out
-    for other in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != user):
+    for other in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != user
+                        and not p.name.startswith(".")):
         cset = latest_set(other)
         rows = heldout_records(cset.heldout()) if cset is not None and cset.heldout_path.is_file() else []
         if rows:

@@ -309,7 +309,8 @@ def due_users(cfg: RefreshConfig, registry: AdapterRegistry | None = None) -> di
     ws = get_workspace()
     base = base_hash(resolve(cfg.model))
     due: dict[str, str] = {}
-    users = sorted(p.name for p in ws.consolidated.iterdir() if p.is_dir()) if ws.consolidated.is_dir() else []
+    root = ws.consolidated
+    users = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     for user in users:
         cset = latest_set(user)
         if cset is None:

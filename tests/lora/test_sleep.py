@@ -76,3 +76,11 @@ def test_due_rules_and_durations(fresh_home, demo_users):
         load_config(SleepConfig, None, ["every=5 minutes"])
     with pytest.raises(ConfigError, match="refresh.user is chosen per user by sleep"):
         load_config(SleepConfig, None, ["refresh.user=alice"])
+
+
+def test_every_runs_the_given_number_of_cycles(fresh_home):
+    from cogcore.lora.sleep import run as sleep_run
+    t0 = time.time()
+    cycles = sleep_run(load_config(SleepConfig, None, ["every=0.5s", "cycles=3"]))
+    assert len(cycles) == 3 and all(c == [] for c in cycles)  # nobody in the log yet
+    assert time.time() - t0 >= 1.0  # waited between cycles
