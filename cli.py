@@ -24,6 +24,7 @@ class Command:
     distributed: bool = False                  # accepts --nproc / --dist
     model_flag: bool = False                   # accepts --model (= model.source)
     passthrough: str = ""                      # module whose main(argv) parses its own flags
+    example: str = "train.lr=3e-4"             # an override its config accepts (shown by --help)
 
 
 def _recipe(module_name: str, actions: dict[str, str] | None = None) -> Callable[[argparse.Namespace, list[str]], int]:
@@ -36,13 +37,21 @@ def _recipe(module_name: str, actions: dict[str, str] | None = None) -> Callable
 
     def main(args: argparse.Namespace, overrides: list[str]) -> int:
         from cogcore.train.config import ConfigError, load_config
+        # `cogcore sft configs/sft/tiny.yaml`: a YAML file given without --config is the config
+        yaml_words = [w for w in overrides if "=" not in w and w.endswith((".yaml", ".yml"))]
+        if yaml_words and args.config is None:
+            args.config = yaml_words[0]
+            overrides.remove(yaml_words[0])
         action = ""
         if overrides and "=" not in overrides[0]:
             action = overrides.pop(0)
         if action not in actions:
             named = ", ".join(a for a in actions if a)
-            raise ConfigError(f"'{action}' is neither key=value nor one of: {named}" if action else
-                              f"say what to run: cogcore {args.command} {{{named}}}")
+            example = COMMANDS[args.command].example
+            if not action:
+                raise ConfigError(f"say what to run: cogcore {args.command} {{{named}}}")
+            raise ConfigError(f"'{action}' is neither key=value (e.g. {example}) nor one of: {named}" if named else
+                              f"'{action}' is not key=value (e.g. {example}); a config file goes after --config")
         # --model / --out are short for the config keys model.source / out
         if getattr(args, "model", None):
             overrides.insert(0, f"model.source={args.model}")
@@ -143,7 +152,8 @@ COMMANDS: dict[str, Command] = {
                     _passthrough("cogcore.demo.run"), passthrough="cogcore.demo.run"),
     "eval": Command("evaluate a model: `eval core` = recall vs context use (real-world probes, synthetic world)",
                     _recipe("cogcore.eval.core", {"core": "run"}),
-                    lambda: __import__("cogcore.eval.core", fromlist=["x"]).EvalConfig, model_flag=True),
+                    lambda: __import__("cogcore.eval.core", fromlist=["x"]).EvalConfig, model_flag=True,
+                    example="n_per_metric=50"),
 }
 
 
@@ -170,7 +180,7 @@ def build_parser(with_config_help: str | None = None) -> argparse.ArgumentParser
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if cmd.config:
             p.add_argument("--config", help="YAML config file (see configs/)")
-            p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {cmd.example}")
             p.add_argument("--out", help="output / run directory (the config key `out`)")
             if cmd.model_flag:
                 p.add_argument("--model", help="the model (the config key `model.source`)")

@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{x:.0%}"  # NaN: not measured (e.g. probes=0)
+
+
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -17,7 +21,7 @@ def print_table(results: dict) -> None:
         t.add_row(uid,
                   f"{r['success_before']:.0%} -> {r['success_after']:.0%}",
                   f"{r['world_before']:.0%} -> {r['world_after']:.0%}",
-                  f"{r['probe_before']:.0%} -> {r['probe_after']:.0%}",
+                  f"{_pct(r['probe_before'])} -> {_pct(r['probe_after'])}",
                   f"{r['leakage']:.0%}",
                   "published" if r["gate_passed"] else "blocked",
                   r.get("adapter") or "-")
@@ -73,7 +77,7 @@ def write_report(out: Path, results: dict) -> Path:
         rows.append(
             f"<tr><td>{html.escape(uid)}</td><td>{r['success_before']:.0%} &rarr; {r['success_after']:.0%}</td>"
             f"<td>{r['world_before']:.0%} &rarr; {r['world_after']:.0%}</td>"
-            f"<td>{r['probe_before']:.0%} &rarr; {r['probe_after']:.0%}</td><td>{r['leakage']:.0%}</td>"
+            f"<td>{_pct(r['probe_before'])} &rarr; {_pct(r['probe_after'])}</td><td>{r['leakage']:.0%}</td>"
             f"<td>{'published ' + html.escape(r.get('adapter') or '') if r['gate_passed'] else 'blocked'}</td>"
             f"<td>{html.escape(reasons)}</td></tr>")
     junk = results.get("junk", {})

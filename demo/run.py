@@ -364,6 +364,7 @@ def _leakage(server, users, split, cfg, policy_messages) -> dict:
 
 def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
     """consolidate -> one grouped refresh of every user -> gate -> publish: one `cogcore sleep` cycle."""
+    from cogcore.lora.registry import AdapterRegistry
     from cogcore.lora.sleep import SleepConfig, cycle
     from cogcore.memory.consolidate import latest_set
     overrides = [f"users=[{','.join(user_ids)}]", "min_new_events=1",
@@ -377,16 +378,21 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  f"refresh.gate.max_new_tokens={cfg.max_new_tokens}"] + list(cfg.sleep_overrides)
     scfg = load_config(SleepConfig, None, overrides)
     rows = cycle(scfg)
+    registry = AdapterRegistry()
     out = {}
     for row in rows:
         cset = latest_set(row.user)
         rep = cset.report if cset is not None else {}
         res = row.refresh
+        live = registry.live_version(row.user)
+        if res is None:  # nothing new since the last sleep: the live adapter stays (a rerun of the demo)
+            published, adapter = live is not None, (f"{row.user}@v{live}" if live else None)
+            reasons = [f"{row.note}; serving the live adapter {adapter}" if adapter else row.note]
+        else:
+            published, adapter, reasons = bool(res.passed), (res.published or res.live), list(res.reasons)
         out[row.user] = {
-            "consolidated": row.consolidated, "note": row.note,
-            "published": bool(res is not None and res.passed),
-            "adapter": (res.published or res.live) if res is not None else None,
-            "reasons": list(res.reasons) if res is not None else [row.note],
+            "consolidated": row.consolidated, "note": row.note, "trained": res is not None,
+            "published": published, "adapter": adapter, "reasons": reasons,
             "gate": res.gate if res is not None else None,
             "junk_dropped": rep.get("junk", {}).get("dropped", 0),
             "duplicates": rep.get("duplicates", {}).get("exact", 0) + rep.get("duplicates", {}).get("near", 0),

@@ -37,12 +37,7 @@ def test_recipe_help_lists_every_key_of_its_own_config(cli, name):
     assert listed == [key for key, _, _ in describe(COMMANDS[name].config())]
 
 
-PENDING_CLI_PATCH = pytest.mark.xfail(strict=True, reason="needs the cli.py patch in /work/notes/hardening.md "
-                                                          "(item 14): eval --help suggests train.lr=3e-4, which eval rejects")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=PENDING_CLI_PATCH) if n == "eval" else n
-                                  for n, c in COMMANDS.items() if c.config])
+@pytest.mark.parametrize("name", [n for n, c in COMMANDS.items() if c.config])
 def test_the_override_that_help_suggests_is_accepted(cli, name):
     out = cli(name, "--help", check=True).stdout
     example = re.search(r"config overrides, e\.g\. (\S+=\S+)", out).group(1)
@@ -71,3 +66,12 @@ def test_missing_data_file_is_explained(cli, tmp_path):
     proc = cli("sft", "model.source=tiny-llama", f"data.source={tmp_path}/none.jsonl")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not exist" in proc.stderr
+
+
+def test_a_config_file_without_config_flag_is_the_config(cli):
+    proc = cli("sft", "configs/sft/tiny.yaml", "train.lrr=1")  # the YAML loads, then the bad key is named
+    assert proc.returncode == 2 and "unknown config key 'train.lrr'" in proc.stderr
+    proc = cli("sft", "tiny")
+    assert proc.returncode == 2 and "'tiny' is not key=value (e.g. train.lr=3e-4)" in proc.stderr
+    proc = cli("distill", "prune", "configs/distill/tiny.yaml", "student.prune.layers=-1")
+    assert proc.returncode == 2 and "prune.layers=-1 must be >= 0" in proc.stderr
