@@ -422,8 +422,8 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-QUICK = ["model.source=tiny-llama", "heldout=4", "probes=0", "max_new_tokens=48", "lora_r=8", "lora_alpha=16",
-         "steps=60", "lr=1e-2", "seq_len=256", "micro_batch=6", "concurrency=8"]
+QUICK = ["model.source=tiny-llama", "heldout=4", "max_train_episodes=14", "probes=0", "max_new_tokens=24", "lora_r=8", "lora_alpha=16",
+         "steps=50", "lr=2e-2", "seq_len=256", "micro_batch=6", "concurrency=12"]
 
 
 def main(argv: list[str]) -> int:
