@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from cogcore.train.config import CogcoreError, field, load_config
 from cogcore.train.model import EMBEDDED_DEFAULT, ModelSpec
@@ -49,9 +50,10 @@ class DemoConfig:
     lora_r: int = field(16, help="rank of each user's adapter")
     lora_alpha: float = field(32.0, help="LoRA alpha")
     steps: int = field(30, help="optimizer steps of the grouped refresh")
-    lr: float = field(3e-4, help="refresh learning rate")
-    micro_batch: int = field(6, help="rows per step in the grouped refresh (rows of several users)")
-    seq_len: int = field(192, help="tokens per packed row in the refresh")
+    lr: float = field(1e-3, help="refresh learning rate")
+    micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
+    seq_len: int = field(256, help="tokens per packed row in the refresh")
+    precision: Literal["bf16", "fp32"] = field("bf16", help="refresh precision: bf16 autocast (about 1.7x faster on CPU) or fp32")
     seed: int = field(0, help="seed for junk planting, consolidation and training")
     server_timeout_s: float = field(300.0, help="how long to wait for the server to start")
     sleep_overrides: list[str] = field(default_factory=list, help="extra `cogcore sleep` keys, e.g. "
@@ -373,6 +375,7 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  f"refresh.lora.r={cfg.lora_r}", f"refresh.lora.alpha={cfg.lora_alpha}",
                  f"refresh.train.max_steps={cfg.steps}", f"refresh.train.lr={cfg.lr}",
                  f"refresh.train.micro_batch={cfg.micro_batch}", f"refresh.train.seed={cfg.seed}",
+                 f"refresh.train.precision={cfg.precision}",
                  "refresh.train.warmup_steps=3", f"refresh.train.save_every={cfg.steps}",
                  f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.probes}",
                  f"refresh.gate.max_new_tokens={cfg.max_new_tokens}"] + list(cfg.sleep_overrides)
@@ -423,7 +426,7 @@ def _torch_threads() -> int:
 
 
 QUICK = ["model.source=tiny-llama", "heldout=4", "max_train_episodes=14", "probes=0", "max_new_tokens=24", "lora_r=8", "lora_alpha=16",
-         "steps=50", "lr=2e-2", "seq_len=256", "micro_batch=6", "concurrency=12"]
+         "steps=50", "lr=2e-2", "seq_len=256", "micro_batch=6", "concurrency=12", "precision=fp32"]
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,9 @@ def _config_class(path: Path):
     if kind == "distill":
         from cogcore.distill.recipe import DistillConfig
         return DistillConfig
+    if kind == "sleep":
+        from cogcore.lora.sleep import SleepConfig
+        return SleepConfig
     if kind == "experiment":
         from cogcore.distill.cognitive_core import ExperimentConfig
         return ExperimentConfig
