@@ -7,6 +7,7 @@ trained again).
 """
 
 import json
+import time
 
 import pytest
 
@@ -49,3 +50,31 @@ def test_bad_users_file_is_one_line(cli, tmp_path):
         {"request": "r", "wrong_observation": "w", "right_action": "a", "right_observation": "o"}] * 4}]}))
     proc = cli("demo", "--users", str(bad))
     assert proc.returncode == 2 and "not a valid regular expression" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_sleep_config_runs_on_cpu_with_a_tiny_core(cli, tmp_path):
+    """configs/sleep/gpu-core.yaml, pointed at a tiny preset: new experience ingested through the CLI,
+    one sleep cycle consolidates, refreshes, gates and publishes."""
+    home = tmp_path / "home"
+    lines, t0 = [], time.time() - 86400
+    for i, item in enumerate(["kettle", "lamp", "backpack", "blender", "umbrella", "keyboard", "toaster", "fan"]):
+        ep = f"e{i}"
+        lines += [{"episode_id": ep, "ts": t0 + i, "kind": "context", "text": f"Please refund my {item}, it broke.",
+                   "meta": {"check": "(?i)last four digits"}},
+                  {"episode_id": ep, "ts": t0 + i + 0.1, "kind": "action", "text": "Refund done!"},
+                  {"episode_id": ep, "ts": t0 + i + 0.2, "kind": "observation",
+                   "text": "Refund not started: I need the last four digits of the card first."},
+                  {"episode_id": ep, "ts": t0 + i + 0.3, "kind": "action",
+                   "text": f"Sure, a refund for the {item}: what are the last four digits of your card?"},
+                  {"episode_id": ep, "ts": t0 + i + 0.4, "kind": "observation", "text": "Card verified, refunded."}]
+    f = tmp_path / "alice.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cli("--home", str(home), "memory", "ingest", "--user", "alice", str(f), check=True)
+    proc = cli("--home", str(home), "sleep", "--config", "configs/sleep/gpu-core.yaml", "min_new_events=1",
+               "consolidate.max_perplexity=0", "refresh.model.source=tiny-llama", "refresh.model.dtype=float32",
+               "refresh.train.precision=fp32", "refresh.train.max_steps=4", "refresh.train.micro_batch=2",
+               "refresh.data.seq_len=256", "refresh.gate.probes=0", "refresh.gate.enabled=false", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    adapters = cli("--home", str(home), "adapters", "list", check=True).stdout
+    assert "alice@v1" in adapters
