@@ -344,7 +344,10 @@ class MultiLoRALinear(nn.Module):
         if self.adapter_index is None:
             return y
         x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        delta = gathered_lora(x2, self.lora_A, self.lora_B, self._row_index(x), self.scale, impl=self.impl)
+        # The adapters' own dtype, also under autocast: autocast would run the segment matmuls in
+        # bf16 while their hand-written backward (outside autocast) meets fp32 weights.
+        with torch.autocast(x.device.type, enabled=False):
+            delta = gathered_lora(x2, self.lora_A, self.lora_B, self._row_index(x), self.scale, impl=self.impl)
         return y + delta.view(*y.shape[:-1], self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -219,3 +219,20 @@ def test_bitsandbytes_4bit_base(assert_close, monkeypatch):
     assert_close(y, expected, torch.float32, "4-bit base + LoRA")
     assert multi.lora_A.grad is not None and x.grad is not None
     assert time.perf_counter() - start < 30
+
+
+def test_multi_lora_linear_trains_under_bf16_autocast():
+    """The adapters run in their own dtype under autocast: the backward used to meet bf16 gradients
+    against fp32 weights (RuntimeError: expected scalar type Float but found BFloat16)."""
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), n_adapters=3, rank=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.adapter_index = torch.tensor([0, 2, 1, 2])
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+    assert torch.isfinite(layer.lora_B.grad).all() and layer.lora_B.grad.abs().sum() > 0
