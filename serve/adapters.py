@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,7 +95,8 @@ class CacheStats:
     cpu_misses: int = 0  # ... read it from the registry on disk
     cpu_evictions: int = 0
     load_errors: int = 0
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # registry read + checks + prepare, summed over loads
+    slot_write_seconds: float = 0.0  # CPU tier -> device slot copies, summed
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -211,7 +213,6 @@ class AdapterCache:
             return fut
 
     def _load(self, ref: AdapterRef):
-        import time
         t0 = time.perf_counter()
         try:
             art = self.registry.get(ref.user, ref.version)
@@ -281,7 +282,9 @@ class AdapterCache:
                 slot = self._device.pop(victim)
                 self._slots[slot] = None
                 self.stats.device_evictions += 1
+            t0 = time.perf_counter()
             write(slot, prepared)
+            self.stats.slot_write_seconds += time.perf_counter() - t0
             self._slots[slot] = ref
             self._device[ref] = slot
             self._pins[ref] = self._pins.get(ref, 0) + 1
