@@ -188,6 +188,8 @@ def gate_and_publish(model, tokenizer, cfg: RefreshConfig, *, user: str, cset, a
         reference = f"live-{user}"
         model.load_adapter(str(live.path), adapter_name=reference)
     others = other_users_heldout(user, cfg.gate.leak_users)
+    print(f"gate {user}: {len(heldout)} held-out episodes, {cfg.gate.probes} general probes and "
+          f"{len(others)} other users' specifics, against {live.name if live else 'the base'}", flush=True)
     report = gate(model, tokenizer, user=user, heldout=heldout, cfg=cfg.gate, candidate=candidate,
                   reference=reference, reference_name=live.name if live else "base", others=others,
                   cache_dir=get_workspace().models / "gate-cache", base_tag=base_tag(cfg.model, base))
