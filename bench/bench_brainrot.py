@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from cogcore.demo.users import load_users
     from cogcore.lora.refresh import RefreshConfig, run
+    from cogcore.memory.consolidate import latest_set
     from cogcore.train.config import load_config
     from cogcore.train.model import load_tokenizer
     from cogcore.train.workspace import set_home
@@ -200,38 +201,51 @@ def main(argv: list[str] | None = None) -> int:
         replay = 0.2
     tok = load_tokenizer(model)
     base_s = time.time() - t0
-    planted_set(home, tok, users["bob"], 1, n_train=12, replay_share=replay)  # someone whose specifics could leak
+    if latest_set("bob") is None:
+        planted_set(home, tok, users["bob"], 1, n_train=12, replay_share=replay)  # someone whose specifics could leak
     shares = [float(s) for s in args.shares.split(",")]
-    results = []
-    for share in shares:
-        name = f"junk{round(100 * share)}"
-        planted_set(home, tok, users["alice"], 1, n_train=args.episodes, junk=list(demo.junk), junk_share=share,
-                    as_user=name, replay_share=replay)
-        cfg = load_config(RefreshConfig, None, [f"user={name}", f"model.source={model}", f"train.max_steps={steps}",
-                                                f"train.lr={lr}", "train.progress=false", "train.tensorboard=false",
-                                                *extra])
-        t = time.time()
-        res = run(cfg)
-        results.append({"junk_share": share, "user": name, "passed": res.passed, "published": res.published,
-                        "reasons": res.reasons, "seconds": round(time.time() - t, 1),
-                        "train_seconds": round(res.train.elapsed_s, 1), "gate_seconds": res.gate["elapsed_s"],
-                        "final_loss": res.train.final_loss,
-                        "criteria": {k: {f: v for f, v in c.items() if f != "samples"}
-                                     for k, c in res.gate["criteria"].items()},
-                        "samples": {k: c.get("samples") for k, c in res.gate["criteria"].items() if c.get("samples")}})
-        print(f"junk {share:.0%}: {'published' if res.passed else 'BLOCKED'} "
-              + "; ".join(f"{k}={results[-1]['criteria'][k].get('value', float('nan')):.4f}" for k in CRITERIA
-                          if k in results[-1]["criteria"] and "value" in results[-1]["criteria"][k]), flush=True)
-
     tag = "tiny" if args.quick else Path(model).name
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"brainrot_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "brainrot dose-response", "model": model, "machine": machine(),
            "command": "python -m cogcore.bench.bench_brainrot " + " ".join(sys.argv[1:] if argv is None else argv),
            "refresh": {"steps": steps, "lr": lr, "episodes": args.episodes, "replay_share": replay, "extra": extra},
-           "setup_seconds": round(base_s, 1), "results": results,
-           "verdict": {"published_at_0": results[0]["passed"] if shares[0] == 0 else None,
-                       "blocked_at_100": (not results[-1]["passed"]) if shares[-1] == 1 else None}}
+           "setup_seconds": round(base_s, 1), "results": []}
+    results = doc["results"]
+    for share in shares:
+        name = f"junk{round(100 * share)}"
+        run_dir = home / "runs" / f"refresh-{name}-set1"
+        if (run_dir / "gate.json").is_file() and (run_dir / "summary.json").is_file():
+            # finished in an earlier (interrupted) run of this benchmark in the same --home: reuse it
+            gate, summary = json.loads((run_dir / "gate.json").read_text()), json.loads((run_dir / "summary.json").read_text())
+            row = {"junk_share": share, "user": name, "passed": gate["passed"], "published": summary["published"],
+                   "reasons": gate["reasons"], "seconds": None, "train_seconds": round(summary["elapsed_s"], 1),
+                   "gate_seconds": gate["elapsed_s"], "final_loss": summary["final_loss"], "reused": True,
+                   "criteria": {k: {f: v for f, v in c.items() if f != "samples"} for k, c in gate["criteria"].items()},
+                   "samples": {k: c.get("samples") for k, c in gate["criteria"].items() if c.get("samples")}}
+        else:
+            planted_set(home, tok, users["alice"], 1, n_train=args.episodes, junk=list(demo.junk), junk_share=share,
+                        as_user=name, replay_share=replay)
+            cfg = load_config(RefreshConfig, None, [f"user={name}", f"model.source={model}", f"train.max_steps={steps}",
+                                                    f"train.lr={lr}", "train.progress=false", "train.tensorboard=false",
+                                                    *extra])
+            t = time.time()
+            res = run(cfg)
+            row = {"junk_share": share, "user": name, "passed": res.passed, "published": res.published,
+                   "reasons": res.reasons, "seconds": round(time.time() - t, 1),
+                   "train_seconds": round(res.train.elapsed_s, 1), "gate_seconds": res.gate["elapsed_s"],
+                   "final_loss": res.train.final_loss,
+                   "criteria": {k: {f: v for f, v in c.items() if f != "samples"} for k, c in res.gate["criteria"].items()},
+                   "samples": {k: c.get("samples") for k, c in res.gate["criteria"].items() if c.get("samples")}}
+        results.append(row)
+        print(f"junk {share:.0%}: {'published' if row['passed'] else 'BLOCKED'} "
+              + "; ".join(f"{k}={row['criteria'][k]['value']:.4f}" for k in CRITERIA
+                          if "value" in row["criteria"].get(k, {})), flush=True)
+        out.write_text(json.dumps(doc, indent=1))  # after every share: a long run keeps what it finished
+
+    by_share = {r["junk_share"]: r for r in results}
+    doc["verdict"] = {"published_at_0": by_share[0.0]["passed"] if 0.0 in by_share else None,
+                      "blocked_at_100": (not by_share[1.0]["passed"]) if 1.0 in by_share else None}
     out.write_text(json.dumps(doc, indent=1))
     png = plot(results, out.with_suffix(".png"), f"brain rot vs planted junk, {tag}")
     print(f"wrote {out} and {png}")
