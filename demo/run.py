@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -46,10 +47,13 @@ class DemoConfig:
     junk_share: float = field(0.25, help="junk episodes planted in each user's stream, as a share of real ones")
     max_new_tokens: int = field(40, help="tokens per reply")
     probes: int = field(20, help="general real-world probe questions asked before and after (0 = skip)")
+    gate_probes: int = field(0, help="real-world probes the gate itself asks (0: it guards general ability with "
+                                     "the general-text loss and the junk margin; the demo's own probes are above)")
+    gate_general_documents: int = field(32, help="general documents whose loss the gate compares with the base")
     concurrency: int = field(16, help="requests in flight at once (the server batches them)")
     lora_r: int = field(16, help="rank of each user's adapter")
     lora_alpha: float = field(32.0, help="LoRA alpha")
-    steps: int = field(30, help="optimizer steps of the grouped refresh")
+    steps: int = field(16, help="optimizer steps of the grouped refresh")
     lr: float = field(1e-3, help="refresh learning rate")
     micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
     seq_len: int = field(256, help="tokens per packed row in the refresh")
@@ -182,6 +186,8 @@ def run(cfg: DemoConfig) -> dict:
         server = DemoServer(str(model_dir), ws.root, out / "server.log", cfg.server_timeout_s, cfg.concurrency,
                             max(16, cfg.lora_r))
         print(f"server: {server.url} (log: {out / 'server.log'})", flush=True)
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server subprocess is stopped below
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         log = ExperienceLog.open()
         results = _run_loop(cfg, server, log, users_file, tokenizer, core_hash, phases, policy_messages, world_messages)
@@ -377,7 +383,8 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  f"refresh.train.micro_batch={cfg.micro_batch}", f"refresh.train.seed={cfg.seed}",
                  f"refresh.train.precision={cfg.precision}",
                  "refresh.train.warmup_steps=3", f"refresh.train.save_every={cfg.steps}",
-                 f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.probes}",
+                 f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.gate_probes}",
+                 f"refresh.gate.general_documents={cfg.gate_general_documents}",
                  f"refresh.gate.max_new_tokens={cfg.max_new_tokens}"] + list(cfg.sleep_overrides)
     scfg = load_config(SleepConfig, None, overrides)
     rows = cycle(scfg)
