@@ -234,11 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     lora = LoraShape(r=16, alpha=32.0)
     base_cfg = TrainConfig(max_steps=args.steps, micro_batch=args.batch, lr=2e-4, warmup_steps=0, precision="fp32",
                            progress=False, tensorboard=False, seed=0)
-    summary: dict = {"settings": vars(args) | {"model": model_name, "lora": {"r": lora.r, "alpha": lora.alpha,
-                                                                            "targets": list(lora.target_modules)}},
-                     "machine": machine() | {"malloc": malloc}}
+    lora_desc = {"r": lora.r, "alpha": lora.alpha, "targets": list(lora.target_modules)}
+    out = Path(args.out)
+    # --only: replace that part in an existing results file, keep the other
+    summary: dict = json.loads(out.read_text()) if args.only and out.is_file() else {}
+    summary["model"] = model_name
+
+    def stamp(part: dict, started: dict) -> dict:  # each part records its settings and the machine's state
+        import resource
+        return part | {"settings": vars(args) | {"model": model_name, "lora": lora_desc},
+                       "machine": started | {"malloc": malloc, "load_average_at_end": os.getloadavg(),
+                                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}
 
     if args.only in (None, "a"):
+        started = machine()
         docs = args.group_rows * args.group_steps  # one document fills one row: an epoch per run
         data = user_data(tok, args.users, docs, args.seq_len - 2)
         cfg_a = replace(base_cfg, max_steps=args.group_steps, micro_batch=args.group_rows)
@@ -254,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.rows_per_forward, work, rep))
             print(f"   grouped {runs[-1]['grouped']['wall_s']:.1f} s, sequential {runs[-1]['sequential']['wall_s']:.1f} s",
                   flush=True)
-        summary["grouped_vs_sequential"] = {
+        summary["grouped_vs_sequential"] = stamp({
             "what": f"{args.users} users, {args.group_steps} steps x {args.group_rows} rows x {args.seq_len} tokens "
                     "each; all adapters: grouped one pass vs sequential single-user runs (the one loop + PEFT)",
-            **summarize_a(runs, args.users, args.group_steps), "target": 2.0, "runs": runs}
+            **summarize_a(runs, args.users, args.group_steps), "target": 2.0, "runs": runs}, started)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))  # part (a) is kept even if (b) does not finish
 
     if args.only in (None, "b"):
+        started = machine()
         data = user_data(tok, 1, args.batch * (args.steps + 1), args.seq_len - 2)["user00"]
         results = {}
         for name, fn in [("trl_sft_peft", lambda o: run_trl(str(resolve(model_name)), tok, data, lora, base_cfg,
@@ -275,20 +287,16 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = r
             print(f"   median {r['median_tokens_per_s']:.1f} trained tokens/s", flush=True)
         trl = results["trl_sft_peft"]["median_tokens_per_s"]
-        summary["single_vs_trl"] = {
+        summary["single_vs_trl"] = stamp({
             "what": f"one user, r16 all linear, {args.batch} x {args.seq_len}, fp32: trained tokens/s (median of "
                     f"steps {args.warmup + 1}..{args.steps})",
             "median_tokens_per_s": {k: v["median_tokens_per_s"] for k, v in results.items()},
             "ratio_vs_trl": {k: v["median_tokens_per_s"] / trl for k, v in results.items()}, "target": 1.5,
-            "runs": results}
+            "runs": results}, started)
 
-    import resource
-    summary["machine"]["load_average_at_end"] = os.getloadavg()
-    summary["machine"]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
-    brief = {k: {kk: vv for kk, vv in v.items() if kk not in ("runs", "what")}
+    brief = {k: {kk: vv for kk, vv in v.items() if kk not in ("runs", "what", "settings")}
              for k, v in summary.items() if k in ("grouped_vs_sequential", "single_vs_trl")}
     print(json.dumps(brief, indent=1))
     return 0
