@@ -103,13 +103,13 @@ def _steps_from_metrics(run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- (a) grouped vs sequential
 
 def bench_grouped_vs_sequential(model, tok, data: dict, lora: LoraShape, cfg: TrainConfig, seq_len: int,
-                                rows_per_forward: int, work: Path, repeat: int) -> dict:
+                                tokens_per_forward: int, work: Path, repeat: int) -> dict:
     """Both arms once (order alternates with ``repeat``): wall seconds, and each run's step
     times and fixed cost (wall minus its steps: PEFT wrapping, optimizer, checkpoint, weights out)."""
     def grouped() -> dict:
         out = work / f"grouped{repeat}"
         t0 = time.perf_counter()
-        train_adapters_grouped(model, tok, data, lora, cfg, out, seq_len=seq_len, rows_per_forward=rows_per_forward)
+        train_adapters_grouped(model, tok, data, lora, cfg, out, seq_len=seq_len, tokens_per_forward=tokens_per_forward)
         wall = time.perf_counter() - t0
         steps = _steps_from_metrics(out)["step_s"]
         return {"wall_s": wall, "step_s": steps, "fixed_s": wall - sum(steps)}
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--group-rows", type=int, default=2, help="(a) rows per user per step")
     ap.add_argument("--group-steps", type=int, default=3, help="(a) optimizer steps per adapter")
-    ap.add_argument("--rows-per-forward", type=int, default=16, help="(a) grouped: rows in one forward pass")
+    ap.add_argument("--tokens-per-forward", type=int, default=2048, help="(a) grouped: tokens in one forward pass")
     ap.add_argument("--repeats", type=int, default=1, help="(a) repeats of both arms (median)")
     ap.add_argument("--steps", type=int, default=6, help="(b) optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="(b) steps left out of the median")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             print(f"== (a) repeat {rep}: {args.users} users x {args.group_steps} steps x {args.group_rows} rows", flush=True)
             runs.append(bench_grouped_vs_sequential(model, tok, data, lora, cfg_a, args.seq_len,
-                                                    args.rows_per_forward, work, rep))
+                                                    args.tokens_per_forward, work, rep))
             print(f"   grouped {runs[-1]['grouped']['wall_s']:.1f} s, sequential {runs[-1]['sequential']['wall_s']:.1f} s",
                   flush=True)
         summary["grouped_vs_sequential"] = stamp({

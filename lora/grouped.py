@@ -117,14 +117,14 @@ class _Schedule:
     """Which rows of which users each (step, micro-batch) holds, and their loss weights.
 
     The micro-batches of a step are (a, chunk) for a in range(grad_accum) and each chunk of
-    users that fits in ``rows_per_forward``; slot a*n_chunks + chunk is the loop's placeholder row.
+    users that fits in ``tokens_per_forward``; slot a*n_chunks + chunk is the loop's placeholder row.
     """
 
     def __init__(self, users: list[str], rows: dict[str, PackedRows], slot_of: dict[str, int], cfg: TrainConfig,
-                 seed: int, rows_per_forward: int, device: torch.device):
+                 seed: int, seq_len: int, tokens_per_forward: int, device: torch.device):
         self.users, self.rows, self.slot_of, self.device = users, rows, slot_of, device
         self.plans = {u: BatchPlan(len(rows[u]), cfg.micro_batch, cfg.grad_accum, 1, seed) for u in users}
-        per = max(1, rows_per_forward // cfg.micro_batch)
+        per = max(1, tokens_per_forward // (cfg.micro_batch * seq_len))  # users per forward pass
         self.chunks = [users[i:i + per] for i in range(0, len(users), per)]
         self.n_micro = cfg.grad_accum * len(self.chunks)
 
@@ -289,7 +289,7 @@ def train_adapters_grouped(
     seq_len: int = 256,
     seed: int | None = None,
     init: Mapping[str, Mapping[str, Tensor]] | None = None,
-    rows_per_forward: int = 32,
+    tokens_per_forward: int = 2048,
     packing: bool = True,
     train_on: str = "completion",
     stop_after: int | None = None,
@@ -303,8 +303,9 @@ def train_adapters_grouped(
     ``grad_clip`` clips each user's gradient on its own. ``seed`` (default ``train_cfg.seed``)
     sets the row order and fresh adapters' init. ``init`` holds starting weights per user
     (PEFT layout: warm start); other users start fresh (:func:`initial_adapter_weights`).
-    ``rows_per_forward`` caps the rows of one forward pass (whole users' slices; activation
-    memory): the step still covers every user. Resumes from ``run_dir`` like every recipe.
+    ``tokens_per_forward`` caps one forward pass (whole users' ``micro_batch`` x ``seq_len``
+    slices, at least one user): activation memory grows with it, and on a CPU a bigger pass
+    is not faster (the base is compute-bound); raise it on a GPU. The step still covers every user. Resumes from ``run_dir`` like every recipe.
     The model is restored as it came (original layers, requires_grad flags) on return.
     """
     lora = LoraShape.of(lora)
@@ -324,7 +325,7 @@ def train_adapters_grouped(
 
     rows = {u: pack_user_rows(tokenizer, user_records[u], seq_len, u, train_on, packing) for u in mine}
     slot_of = {u: i for i, u in enumerate(mine)}
-    sched = _Schedule(mine, rows, slot_of, train_cfg, seed, rows_per_forward, di.device)
+    sched = _Schedule(mine, rows, slot_of, train_cfg, seed, seq_len, tokens_per_forward, di.device)
 
     starts = {u: (init or {}).get(u) or initial_adapter_weights(model, lora, u, seed) for u in mine}
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}

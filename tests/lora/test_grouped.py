@@ -112,7 +112,7 @@ def test_user_set_does_not_change_a_users_adapter(tok, users, tmp_path, one_thre
     data, _ = users
     model = load_model("tiny-llama")
     together = train_adapters_grouped(model, tok, data, LORA, cfg(max_steps=4), tmp_path / "k3", seq_len=SEQ,
-                                      rows_per_forward=2)  # also: one user per forward pass
+                                      tokens_per_forward=1)  # also: one user per forward pass
     alone = train_adapters_grouped(model, tok, {"alice": data["alice"]}, LORA, cfg(max_steps=4), tmp_path / "k1",
                                    seq_len=SEQ)
     for k in alone["alice"]:
