@@ -217,7 +217,7 @@ def test_metrics(setup):
 
 def test_in_process_server(registry):
     """`Server` (what the demo can use): the same app on a thread of this process, port 0."""
-    from cogcore.serve.app import Server, ServeConfig
+    from cogcore.serve.app import ServeConfig, Server
     torch.set_num_threads(1)
     cfg = ServeConfig(engine=EngineConfig(model=SPEC, adapters_on_device=2), port=0)
     with Server(cfg, registry=registry) as srv:
@@ -225,5 +225,8 @@ def test_in_process_server(registry):
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="open", max_retries=0)
         r = c.chat.completions.create(model="core:bob", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.system_fingerprint == "bob@v1" and r.usage.completion_tokens <= 3
+        deadline = time.monotonic() + 5  # the answer can arrive a moment before the row is dropped
+        while srv.engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert srv.engine.running == 0
     assert srv.engine._thread is None  # the lifespan stopped the engine
