@@ -330,8 +330,8 @@ class MultiLoRALinear(nn.Module):
     def _row_index(self, x: Tensor) -> Tensor:
         idx = self.adapter_index
         n_rows = x.numel() // self.in_features
-        if idx.numel() == n_rows:
-            return idx.reshape(-1)
+        if idx.numel() == n_rows:  # the same tensor object each call: the plan cache is keyed on it
+            return idx if idx.dim() == 1 else idx.reshape(-1)
         if x.dim() == 3 and idx.numel() == x.shape[0]:  # one adapter per sequence
             return _EXPANDED.get(idx, x.shape[1])
         raise ValueError(
