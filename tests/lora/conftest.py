@@ -8,17 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from lora_helpers import TINY_REFRESH, episode_events, make_user_set  # noqa: F401
 
-from cogcore.bench.bench_brainrot import WRONG_ACTION, episode_rows, general_tiny_base, planted_set, write_set
-
-__all__ = ["episode_rows", "write_set", "make_user_set", "episode_events", "TINY_REFRESH"]
-
-make_user_set = planted_set
-
-# Tiny refresh settings the gate tests were calibrated with (tests/lora/test_gate.py).
-TINY_REFRESH = ["lora.r=8", "train.lr=1e-3", "train.max_steps=60", "train.save_every=20", "data.seq_len=256",
-                "train.progress=false", "train.tensorboard=false", "gate.probes=4", "gate.probe_max_new_tokens=8",
-                "gate.max_new_tokens=24", "gate.leak_episodes=2"]
+from cogcore.bench.bench_brainrot import general_tiny_base
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +42,3 @@ def general_base(cogcore_home, demo_users) -> str:
         return general_tiny_base(Path(cogcore_home), demo_users.users)
     finally:
         torch.set_num_threads(before)
-
-
-def episode_events(user_id: str, ep, i: int, t0: float, check: str) -> list[dict]:
-    """The events a served episode leaves in the log: request, a wrong first action and the
-    environment's answer, then the right action and its answer."""
-    eid = f"{user_id}-ep{i}"
-    evs = [("context", ep.request, {"check": check}), ("action", WRONG_ACTION, {}),
-           ("observation", ep.wrong_observation, {}), ("action", ep.right_action, {}),
-           ("observation", ep.right_observation, {})]
-    return [{"user_id": user_id, "episode_id": eid, "ts": t0 + i * 10 + k, "kind": kind, "text": text, "meta": meta}
-            for k, (kind, text, meta) in enumerate(evs)]

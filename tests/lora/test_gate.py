@@ -4,7 +4,7 @@
 import re
 
 import pytest
-from conftest import TINY_REFRESH, make_user_set
+from lora_helpers import TINY_REFRESH, make_user_set
 
 from cogcore.lora.gate import GateConfig, acts_right, leak_patterns
 from cogcore.lora.refresh import RefreshConfig, run

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_REFRESH, make_user_set
+from lora_helpers import TINY_REFRESH, make_user_set
 from safetensors.torch import load_file
 
 from cogcore.lora.refresh import LoraSpec, RefreshConfig, add_lora, run

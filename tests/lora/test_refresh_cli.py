@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_user_set
+from lora_helpers import make_user_set
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.train.checkpoint import latest_checkpoint

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_user_set
+from lora_helpers import make_user_set
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.train.model import load_tokenizer

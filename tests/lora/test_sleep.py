@@ -4,7 +4,7 @@ users, nothing on a cycle without news, and a user another sleeper holds is left
 import time
 
 import pytest
-from conftest import episode_events
+from lora_helpers import episode_events
 
 from cogcore.lora.registry import AdapterRegistry
 from cogcore.lora.sleep import SleepConfig, consolidation_due, cycle, seconds
