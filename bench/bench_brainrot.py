@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = args.model
         steps, lr = args.steps or 30, args.lr or 5e-4
-        extra = ["data.seq_len=256"]
+        extra = ["data.seq_len=256", "train.save_every=5"]  # CPU minutes per share: keep progress
         replay = 0.2
     tok = load_tokenizer(model)
     base_s = time.time() - t0
