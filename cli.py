@@ -203,19 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if home_at >= 0 and home_at + 1 < len(argv):
             from cogcore.train.workspace import set_home
             set_home(argv[home_at + 1])
-        from cogcore.train.config import CogcoreError, ConfigError
         name = argv[first]
-        try:
-            return COMMANDS[name].main(argparse.Namespace(command=name), argv[first + 1:])
-        except ConfigError as e:
-            print(f"cogcore {name}: config error: {e}", file=sys.stderr)
-            return 2
-        except CogcoreError as e:
-            print(f"cogcore {name}: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        return _run_command(name, argparse.Namespace(command=name), argv[first + 1:], "interrupted")
     # Only build the (slow-to-import) config help for the subcommand asking for --help.
     wants = next((a for a in argv if a in COMMANDS), None) if ("-h" in argv or "--help" in argv) else None
     if wants == "bench" and argv.index("bench") + 1 < len(argv) and argv[argv.index("bench") + 1] in (
@@ -232,17 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         from cogcore.train.workspace import set_home
         set_home(args.home)
     overrides = list(getattr(args, "overrides", []) or []) + unknown
+    return _run_command(args.command, args, overrides,
+                        "interrupted; rerun the same command to resume from the last checkpoint")
+
+
+def _run_command(name: str, args: argparse.Namespace, rest: list[str], on_interrupt: str) -> int:
+    """Run one command; errors a user can fix are one line on stderr and exit code 2."""
     from cogcore.train.config import CogcoreError, ConfigError
     try:
-        return COMMANDS[args.command].main(args, overrides)
+        return COMMANDS[name].main(args, rest)
     except ConfigError as e:
-        print(f"cogcore {args.command}: config error: {e}", file=sys.stderr)
+        print(f"cogcore {name}: config error: {e}", file=sys.stderr)
         return 2
     except CogcoreError as e:
-        print(f"cogcore {args.command}: error: {e}", file=sys.stderr)
+        print(f"cogcore {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(on_interrupt, file=sys.stderr)
         return 130
 
 
