@@ -19,6 +19,7 @@ Reads top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,8 +48,8 @@ class DemoConfig:
     junk_share: float = field(0.25, help="junk episodes planted in each user's stream, as a share of real ones")
     max_new_tokens: int = field(40, help="tokens per reply")
     probes: int = field(20, help="general real-world probe questions asked before and after (0 = skip)")
-    gate_probes: int = field(0, help="real-world probes the gate itself asks (0: it guards general ability with "
-                                     "the general-text loss and the junk margin; the demo's own probes are above)")
+    gate_probes: int = field(20, help="real-world probes the gate itself asks (a set apart from the demo's own "
+                                      "probes above; 0 = the gate guards general ability by losses only)")
     gate_general_documents: int = field(32, help="general documents whose loss the gate compares with the base")
     concurrency: int = field(16, help="requests in flight at once (the server batches them)")
     lora_r: int = field(16, help="rank of each user's adapter")
@@ -57,7 +58,8 @@ class DemoConfig:
     lr: float = field(1e-3, help="refresh learning rate")
     micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
     seq_len: int = field(256, help="tokens per packed row in the refresh")
-    precision: Literal["bf16", "fp32"] = field("bf16", help="refresh precision: bf16 autocast (about 1.7x faster on CPU) or fp32")
+    precision: Literal["bf16", "fp32"] = field("bf16", help="refresh and gate-scoring precision: bf16 autocast (about 1.7x "
+                                                             "faster on CPUs with AMX) or fp32")
     seed: int = field(0, help="seed for junk planting, consolidation and training")
     server_timeout_s: float = field(300.0, help="how long to wait for the server to start")
     sleep_overrides: list[str] = field(default_factory=list, help="extra `cogcore sleep` keys, e.g. "
@@ -135,30 +137,26 @@ def ask_all(server: DemoServer, jobs: list[tuple[str, list[dict]]], max_tokens: 
 # ----------------------------------------------------------------------------- the recipe
 
 class Phases:
-    """Wall time per phase, with a headline as each starts."""
+    """Wall time per phase: a headline as each starts, its time and the running total as it ends."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.t_start = time.time()
 
+    @contextlib.contextmanager
     def __call__(self, name: str, what: str):
-        phases = self
-
-        class _Phase:
-            def __enter__(self):
-                print(f"\n== {name}: {what}", flush=True)
-                self.t0 = time.time()
-
-            def __exit__(self, *exc):
-                phases.times[name] = round(time.time() - self.t0, 1)
-                return False
-        return _Phase()
+        print(f"\n== {name}: {what}", flush=True)
+        t0 = time.time()
+        yield
+        self.times[name] = round(time.time() - t0, 1)
+        print(f"== {name} done in {self.times[name]:.0f} s ({time.time() - self.t_start:.0f} s so far)", flush=True)
 
 
 def run(cfg: DemoConfig) -> dict:
     from cogcore.memory.formats import policy_messages, world_messages
     from cogcore.memory.log import ExperienceLog
-    from cogcore.train.model import load_tokenizer, resolve
     from cogcore.train.model import base_hash as hash_of
+    from cogcore.train.model import load_tokenizer, resolve
     from cogcore.train.workspace import get_workspace
 
     ws = get_workspace()
@@ -234,7 +232,7 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
                   + (f" ({dupes} already in the log)" if dupes else ""), flush=True)
 
     # 4. before sleep: held-out episodes, world model and general probe, all on the plain core
-    probes = _probe_questions(cfg.probes)
+    probes = _probe_questions(cfg.probes, cfg.gate_probes)
     with phases("before", "held-out episodes on the core (no adapters)"):
         before = _measure(server, users, split, probes, cfg, lambda u: "core", policy_messages, world_messages)
 
@@ -245,7 +243,8 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
 
     # 6. after sleep: the same through each user's adapter, hot-swapped into the running server
     with phases("after", "held-out episodes through each user's adapter"):
-        after = _measure(server, users, split, probes, cfg, lambda u: f"core:{u.id}", policy_messages, world_messages)
+        after = _measure(server, users, split, probes, cfg, lambda u: f"core:{u.id}", policy_messages, world_messages,
+                         actions=before["actions"])
         leakage = _leakage(server, users, split, cfg, policy_messages)
 
     per_user = {}
@@ -300,55 +299,61 @@ def _junk_events(u: DemoUser, junk: tuple[str, ...], rng, episode_id: str, ts: f
                   text=text, meta={"planted_junk": True}) for k, (kind, text) in enumerate(kinds)]
 
 
-def _probe_questions(n: int) -> list:
+def _probe_questions(n: int, gate_probes: int) -> list:
+    """``n`` real-world probes spread over the file, none of them one the gate asks: the demo's
+    general check stays independent of what the gate optimised its decision on."""
     if n <= 0:
         return []
     from cogcore.eval.probes import load_probes
-    probes = load_probes()
-    step = max(1, len(probes) // n)
-    return probes[::step][:n]
+    from cogcore.lora.gate import fixed_probes
+    asked_by_gate = {p.question for p in fixed_probes(gate_probes)}
+    rest = [p for p in load_probes() if p.question not in asked_by_gate]
+    step = max(1, len(rest) // n)
+    return rest[::step][:n]
 
 
-def _measure(server, users, split, probes, cfg, model_of, policy_messages, world_messages) -> dict:
-    """Held-out success, world-model accuracy and general probe accuracy for each user's model."""
+def _measure(server, users, split, probes, cfg, model_of, policy_messages, world_messages,
+             actions: dict | None = None) -> dict:
+    """Held-out success, world-model accuracy and general probe accuracy for each user's model.
+
+    World model: given a held-out request and a first action, does the model predict what the
+    environment answers to it? The actions are the plain core's own first replies (what an
+    unrefreshed agent really does), so before and after are asked about the same actions:
+    ``actions=None`` takes them from this round's policy replies (a second round of requests)."""
     from cogcore.eval.probes import mentions
     T = cfg.max_new_tokens
-    jobs, keys = [], []
-    for u in users:
-        for e in split[u.id][1]:
-            jobs.append((model_of(u), policy_messages(e.request)))
-            keys.append(("policy", u, e))
-            # a wrong first action (the core's typical reply) and the environment's answer to it
-            jobs.append((model_of(u), world_messages(e.request, _generic_wrong_action(e))))
-            keys.append(("world", u, e))
+    held = [(u, i, e) for u in users for i, e in enumerate(split[u.id][1])]
+    jobs = [(model_of(u), policy_messages(e.request)) for u, _, e in held]
     distinct_models = sorted({model_of(u) for u in users})
-    for m in distinct_models:
-        for p in probes:
-            jobs.append((m, [{"role": "user", "content": p.question}]))
-            keys.append(("probe", m, p))
+    asked = [(m, p) for m in distinct_models for p in probes]
+    jobs += [(m, [{"role": "user", "content": p.question}]) for m, p in asked]
+    if actions is not None:
+        jobs += [(model_of(u), world_messages(e.request, actions[(u.id, i)])) for u, i, e in held]
     replies = ask_all(server, jobs, T, cfg.concurrency, "measure")
+    policy_replies, probe_replies = replies[:len(held)], replies[len(held):len(held) + len(asked)]
+    if actions is None:
+        actions = {(u.id, i): r for (u, i, _), r in zip(held, policy_replies)}
+        world_replies = ask_all(server, [(model_of(u), world_messages(e.request, actions[(u.id, i)]))
+                                         for u, i, e in held], T, cfg.concurrency, "world model")
+    else:
+        world_replies = replies[len(held) + len(asked):]
+
     success = {u.id: [] for u in users}
     world = {u.id: [] for u in users}
-    probe: dict[str, list] = {m: [] for m in distinct_models}
     samples: dict[str, list] = {u.id: [] for u in users}
-    for (kind, a, b), reply in zip(keys, replies):
-        if kind == "policy":
-            success[a.id].append(a.succeeds(reply))
-            if len(samples[a.id]) < 3:
-                samples[a.id].append({"request": b.request, "reply": reply})
-        elif kind == "world":
-            world[a.id].append(a.predicts_wrong_observation(b, reply))
-        else:
-            probe[a].append(mentions(reply, b.answers, b.case_sensitive))
+    for (u, i, e), reply, predicted in zip(held, policy_replies, world_replies):
+        success[u.id].append(u.succeeds(reply))
+        world[u.id].append(u.predicts(e, actions[(u.id, i)], predicted))
+        if len(samples[u.id]) < 3:
+            samples[u.id].append({"request": e.request, "reply": reply, "action": actions[(u.id, i)],
+                                  "predicted": predicted})
+    probe: dict[str, list] = {m: [] for m in distinct_models}
+    for (m, p), reply in zip(asked, probe_replies):
+        probe[m].append(mentions(reply, p.answers, p.case_sensitive))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    by_model = {m: mean(v) for m, v in probe.items()}
     return {"success": {k: mean(v) for k, v in success.items()}, "world": {k: mean(v) for k, v in world.items()},
-            "probe": {("core" if m == "core" else m.split(":", 1)[1]): v for m, v in by_model.items()},
-            "samples": samples}
-
-
-def _generic_wrong_action(e: Episode) -> str:
-    return "Sure, I will take care of that for you right away."
+            "probe": {("core" if m == "core" else m.split(":", 1)[1]): mean(v) for m, v in probe.items()},
+            "samples": samples, "actions": actions}
 
 
 def _leakage(server, users, split, cfg, policy_messages) -> dict:
@@ -381,7 +386,7 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  f"refresh.lora.r={cfg.lora_r}", f"refresh.lora.alpha={cfg.lora_alpha}",
                  f"refresh.train.max_steps={cfg.steps}", f"refresh.train.lr={cfg.lr}",
                  f"refresh.train.micro_batch={cfg.micro_batch}", f"refresh.train.seed={cfg.seed}",
-                 f"refresh.train.precision={cfg.precision}",
+                 f"refresh.train.precision={cfg.precision}", f"refresh.gate.precision={cfg.precision}",
                  "refresh.train.warmup_steps=3", f"refresh.train.save_every={cfg.steps}",
                  f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.gate_probes}",
                  f"refresh.gate.general_documents={cfg.gate_general_documents}",
@@ -432,7 +437,7 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-QUICK = ["model.source=tiny-llama", "heldout=4", "max_train_episodes=14", "probes=0", "max_new_tokens=24", "lora_r=8", "lora_alpha=16",
+QUICK = ["model.source=tiny-llama", "heldout=4", "max_train_episodes=14", "probes=0", "gate_probes=0", "max_new_tokens=24", "lora_r=8", "lora_alpha=16",
          "steps=50", "lr=2e-2", "seq_len=256", "micro_batch=6", "concurrency=12", "precision=fp32"]
 
 

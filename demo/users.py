@@ -59,13 +59,34 @@ class DemoUser:
         ok = self.succeeds(action)
         return (episode.right_observation if ok else episode.wrong_observation), ok
 
+    def predicts(self, episode: Episode, action: str, prediction: str) -> bool:
+        """Does a world-model prediction say what the environment answers to ``action``?"""
+        says_refusal = self.predicts_wrong_observation(episode, prediction)
+        if not self.succeeds(action):
+            return says_refusal
+        return not says_refusal and _overlap(episode.right_observation, prediction)
+
     def predicts_wrong_observation(self, episode: Episode, prediction: str) -> bool:
         """Does a world-model prediction say what the environment answers to a wrong action?"""
         if self.observation_check is not None:
             return bool(self.observation_check.search(prediction))
-        want = set(re.findall(r"\w+", episode.wrong_observation.lower()))
-        got = set(re.findall(r"\w+", prediction.lower()))
-        return len(want & got) >= 0.6 * len(want)
+        return _overlap(episode.wrong_observation, prediction) and _jaccard(episode.wrong_observation, prediction) > \
+            _jaccard(episode.right_observation, prediction)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def _overlap(want: str, got: str) -> bool:
+    """At least 60% of the expected answer's words are in the prediction."""
+    w, g = _words(want), _words(got)
+    return bool(w) and len(w & g) >= 0.6 * len(w)
+
+
+def _jaccard(a: str, b: str) -> float:
+    wa, wb = _words(a), _words(b)
+    return len(wa & wb) / max(1, len(wa | wb))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -61,6 +62,9 @@ class GateConfig:
     leak_episodes: int = field(4, help="held-out episodes per other user used as leakage prompts")
     leak_tolerance: float = field(0.0, help="leak rate may exceed the base's by at most this much")
     seq_len: int = field(512, help="tokens per packed row when scoring losses")
+    precision: Literal["bf16", "fp32"] = field("fp32", help="loss scoring precision: bf16 autocast scores about 2x "
+                                                       "faster on CPUs with AMX / AVX512-BF16 and on GPUs (the candidate "
+                                                       "and the base are always scored alike); generation is unchanged")
     batch_size: int = field(16, help="prompts generated / rows scored together")
 
     def __post_init__(self):
@@ -99,7 +103,8 @@ def using(model, adapter: str | None):
 
 # ----------------------------------------------------------------------------- measurements
 
-def weighted_loss(model, tokenizer, records: list[dict], seq_len: int, batch_size: int) -> tuple[float, int]:
+def weighted_loss(model, tokenizer, records: list[dict], seq_len: int, batch_size: int,
+                  precision: str = "fp32") -> tuple[float, int]:
     """Token-weighted CE of ``records`` (segments / chat records) and how many records were scored."""
     docs = [tokenize_record(r, tokenizer, where="gate record") for r in records]
     docs = [d for d in docs if len(d.input_ids) >= 2 and sum(d.weights) > 0]
@@ -110,7 +115,8 @@ def weighted_loss(model, tokenizer, records: list[dict], seq_len: int, batch_siz
     device = next(model.parameters()).device
     scorer = CausalLMLoss(model)
     loss_sum, weight = 0.0, 0.0
-    with torch.no_grad():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), autocast:
         for s in range(0, len(rows), batch_size):
             batch = make_batch(rows, torch.arange(s, min(s + batch_size, len(rows))))
             out = scorer({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
@@ -227,11 +233,11 @@ def general_metrics(model, tokenizer, cfg: GateConfig) -> dict:
                                   "samples": [{"want": w, "reply": r} for (_, w), r in zip(qa[:3], got[:3])]}
     if recs:  # questions score the answer and its end only, exactly like the junk replies below
         proper = [reply_record(q, want, tokenizer) for q, want in qa] if qa else recs
-        loss, n = weighted_loss(model, tokenizer, proper, cfg.seq_len, cfg.batch_size)
+        loss, n = weighted_loss(model, tokenizer, proper, cfg.seq_len, cfg.batch_size, cfg.precision)
         out["general_loss"] = {"value": loss, "n": n}
     if qa:
         loss, n = weighted_loss(model, tokenizer, junk_records([q for q, _ in qa], tokenizer), cfg.seq_len,
-                                cfg.batch_size)
+                                cfg.batch_size, cfg.precision)
         out["junk_loss"] = {"value": loss, "n": n}
     return out
 
@@ -241,7 +247,7 @@ def heldout_junk_loss(model, tokenizer, heldout: list[dict], cfg: GateConfig) ->
     prompts = [prompt_text(h["policy_segments"]) for h in heldout if h.get("policy_segments")]
     if not prompts:
         return {}
-    loss, n = weighted_loss(model, tokenizer, junk_records(prompts, tokenizer), cfg.seq_len, cfg.batch_size)
+    loss, n = weighted_loss(model, tokenizer, junk_records(prompts, tokenizer), cfg.seq_len, cfg.batch_size, cfg.precision)
     return {"value": loss, "n": n}
 
 
@@ -256,7 +262,7 @@ def _policy_loss(model, tokenizer, heldout: list[dict], cfg: GateConfig) -> dict
     recs = [{"segments": h["policy_segments"]} for h in heldout if h.get("policy_segments")]
     if not recs:
         return {}
-    loss, n = weighted_loss(model, tokenizer, recs, cfg.seq_len, cfg.batch_size)
+    loss, n = weighted_loss(model, tokenizer, recs, cfg.seq_len, cfg.batch_size, cfg.precision)
     return {"value": loss, "n": n}
 
 
@@ -274,7 +280,7 @@ def heldout_metrics(model, tokenizer, heldout: list[dict], cfg: GateConfig) -> d
         out["policy_loss"] = _policy_loss(model, tokenizer, with_policy, cfg)
     world = [{"segments": h["world_segments"]} for h in heldout if h.get("world_segments")]
     if world:
-        loss, n = weighted_loss(model, tokenizer, world, cfg.seq_len, cfg.batch_size)
+        loss, n = weighted_loss(model, tokenizer, world, cfg.seq_len, cfg.batch_size, cfg.precision)
         out["world_loss"] = {"value": loss, "n": n}
     return out
 
@@ -322,7 +328,7 @@ def leak_rate(model, tokenizer, prompts: list[list[int]], patterns: list, cfg: G
 def _base_general(model, tokenizer, cfg: GateConfig, cache_dir: Path | None, base_tag: str) -> dict:
     """The base's general metrics, cached per base and gate settings (the same for every user)."""
     key = hashlib.sha256(json.dumps([GATE_VERSION, base_tag, cfg.probes, cfg.probe_max_new_tokens, cfg.general_source,
-                                     cfg.general_documents, cfg.seq_len]).encode()).hexdigest()[:16]
+                                     cfg.general_documents, cfg.seq_len, cfg.precision]).encode()).hexdigest()[:16]
     path = cache_dir / f"gate-base-{key}.json" if cache_dir is not None and base_tag else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())

@@ -198,14 +198,19 @@ def outcome(ep: Episode, policy_without_outcome: bool = False) -> Outcome:
 
 _PRONOUNS = [(r"\byour\b", "their"), (r"\byours\b", "theirs"), (r"\byou're\b", "they're"), (r"\byou\b", "them")]
 _NOT_VERBS = frozenset("i you your we the a an this that it my our please here there sure ok okay yes no hello hi "
-                       "thanks thank sorry can could would will".split())
+                       "thanks thank sorry can could would will to as in on at for of if when what how why who "
+                       "which while since because so then there's it's that's".split())
+# a second word that makes the first one a subject, not an imperative verb
+_STATEMENT_WORDS = frozenset("is are was were has have had does do did will would can could should may might "
+                             "must seems means".split())
 
 # (pattern on one sentence of the observation, instruction template) — first match wins.
 _INSTRUCTIONS = [
     (r"\b(?:i|we)(?:'d| would)? need you to (.+)", "{0}"),
+    (r"\b((?:replies|answers|responses|messages|requests) (?:must|have to|need to|should) .+)", "remember that {0}"),
     (r"\b(?:you )?(?:must|have to|need to|should) (?:first )?(.+)", "{0}"),
     (r"\b(?:can ?not|can't|unable to|won't|will not) .+? (?:without|until|unless) (.+)", "get {0}"),
-    (r"\b(?:i|we) (?:need|require) (.+?)(?: (?:before|in order to|to proceed)\b.*)?$", "ask for {0}"),
+    (r"\b(?:i|we) (?:always |first |also )?(?:need|require) (.+?)(?: (?:before|in order to|to proceed)\b.*)?$", "ask for {0}"),
     (r"\bplease (?:provide|give|send|include|share|confirm|tell me) (.+)", "ask for {0}"),
     (r"^(.+?) (?:is|are) (?:required|missing|needed)\b", "ask for {0}"),
     (r"\bmissing (.+)", "include {0}"),
@@ -248,7 +253,11 @@ def intent(action: str) -> str:
     words = _generalize(a).split()
     if not words:
         return "acting"
-    if words[0].lower() in _NOT_VERBS or not words[0].isalpha():
+    # only a short command reads as "Before <doing it>"; a statement ("January is ...", "To add 5
+    # and 3, ...") or a chatty reply is quoted as what was said
+    statement = len(words) > 1 and words[1].lower().strip(",") in _STATEMENT_WORDS
+    if (words[0].lower() in _NOT_VERBS or not words[0].isalpha() or statement or len(words) > 16
+            or words[0].endswith(",")):
         return f'saying "{_clip(a, 80)}"'
     return " ".join([_gerund(words[0])] + words[1:])
 

@@ -66,3 +66,24 @@ def test_gate_config_is_validated():
     with pytest.raises(ConfigError, match="unknown config key 'gate.probe'"):
         load_config(RefreshConfig, None, ["gate.probe=3"])
     assert GateConfig().probes == 40
+
+
+def test_bf16_scoring_is_close_to_fp32_and_cached_apart(tmp_path, cogcore_home, one_thread):
+    """gate.precision=bf16 scores losses under autocast: close to fp32, and its cached base numbers
+    are kept apart from the fp32 ones (a gate never compares a bf16 candidate with an fp32 base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cogcore.lora.gate import _base_general, weighted_loss
+    from cogcore.train.model import ModelSpec, load_model
+    spec = ModelSpec(source="tiny-llama")
+    tok, model = load_tokenizer(spec), load_model(spec)
+    recs = [{"segments": [{"text": f"What is {i} + {i}?", "weight": 0.0}, {"text": f" {2 * i}.", "weight": 1.0}]}
+            for i in range(8)]
+    fp32, n = weighted_loss(model, tok, recs, 128, 4, "fp32")
+    bf16, n16 = weighted_loss(model, tok, recs, 128, 4, "bf16")
+    assert n == n16 == 8 and fp32 > 0
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.02 * fp32  # really ran in bf16, and agrees
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    for precision in ("fp32", "bf16"):
+        _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, precision=precision), tmp_path, "b")
+    assert len(list(tmp_path.glob("gate-base-*.json"))) == 2

@@ -78,3 +78,26 @@ def test_the_gpu_sleep_config_runs_on_cpu_with_a_tiny_core(cli, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     adapters = cli("--home", str(home), "adapters", "list", check=True).stdout
     assert "alice@v1" in adapters
+
+
+def test_world_model_is_scored_against_what_the_environment_answers_to_that_action():
+    from cogcore.demo.users import load_users
+    alice = {u.id: u for u in load_users().users}["alice"]
+    ep = alice.episodes[0]
+    wrong, right = "Sure, I will start the refund now.", ep.right_action
+    assert alice.answer(ep, wrong)[1] is False and alice.answer(ep, right)[1] is True
+    assert alice.predicts(ep, wrong, ep.wrong_observation)
+    assert not alice.predicts(ep, wrong, ep.right_observation)      # the refund is not started without digits
+    assert alice.predicts(ep, right, ep.right_observation)
+    assert not alice.predicts(ep, right, ep.wrong_observation)
+    assert not alice.predicts(ep, right, "")
+
+
+def test_the_demos_probes_are_not_the_ones_the_gate_asks():
+    from cogcore.demo.run import _probe_questions
+    from cogcore.lora.gate import fixed_probes
+    gate = {p.question for p in fixed_probes(20)}
+    demo = _probe_questions(20, 20)
+    assert len(demo) == 20 and len({p.question for p in demo}) == 20
+    assert not gate & {p.question for p in demo}
+    assert _probe_questions(0, 20) == []
