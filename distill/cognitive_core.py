@@ -179,6 +179,11 @@ class ExperimentConfig:
                                help="each student: distilled from the live teacher (same steps and rows for both)")
     loss: LossConfig = field(default_factory=lambda: LossConfig(kind="forward_kl"), help="the students' distillation loss")
     core: ShedConfig = field(default_factory=_core_shedding, help="the core student's knowledge shedding")
+    core_knowledge_share: float = field(
+        1.0, help="share of the knowledge records (fact statements, closed-book questions) the core student keeps "
+                  "before open-book conversion: each becomes a ~100-token context, so at 1.0 they fill ~80 % of its "
+                  "tokens and, in the same steps, it sees ~1/3 of the procedures, two-hop and contradiction "
+                  "records plain KD sees")
     eval_n: int = field(100, help="questions per world metric")
     eval_batch: int = field(32, help="prompts generated together in the eval")
     probes: int = field(24, help="real-world probes per model (each asked closed-book, open-book and against a false "
@@ -193,6 +198,9 @@ class ExperimentConfig:
             raise ValueError(f"seeds={self.seeds}: give one or more distinct seeds, e.g. [0,1,2]")
         if min(self.eval_n, self.threads, self.eval_batch, self.curve_n) < 1:
             raise ValueError("eval_n, eval_batch, curve_n and threads must be >= 1")
+        if not 0 < self.core_knowledge_share <= 1:
+            raise ValueError(f"core_knowledge_share={self.core_knowledge_share} must be in (0, 1] (1 keeps every "
+                             "knowledge record)")
         if self.probes < 0 or self.curve_every < 0:
             raise ValueError("probes and curve_every must be >= 0")
         for phase in ("reader", "teacher", "train"):
@@ -353,6 +361,19 @@ def distill_student(student, teacher, tokenizer, docs: list[Document], tcfg: Tra
     return time.time() - t0
 
 
+def core_records(mixture: list[dict], knowledge_share: float, seed: int) -> list[dict]:
+    """The core student's records: every reasoning record of the teacher's mixture and a seeded
+    ``knowledge_share`` of its knowledge records (fact statements, closed-book questions), in
+    the mixture's order."""
+    from .shedding import KNOWLEDGE_KINDS, record_kind
+    if knowledge_share >= 1:
+        return mixture
+    import random
+    knowledge = [i for i, r in enumerate(mixture) if record_kind(r) in KNOWLEDGE_KINDS]
+    keep = set(random.Random(f"cogcore-core-share-{seed}").sample(knowledge, round(knowledge_share * len(knowledge))))
+    return [r for i, r in enumerate(mixture) if record_kind(r) not in KNOWLEDGE_KINDS or i in keep]
+
+
 # ----------------------------------------------------------------------------- one seed
 
 def _base(cfg: ExperimentConfig, world, seed: int, seed_dir: Path, seconds: dict):
@@ -430,8 +451,8 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> dict:
     student = _student_init(cfg, base, seed_dir)
     student_docs = {
         "plain_kd": lambda: documents(mixture, tok),
-        "core": lambda: shed_documents(mixture, tok, replace(cfg.core, seed=seed), train_on="all",
-                                       where="teacher mixture"),
+        "core": lambda: shed_documents(core_records(mixture, cfg.core_knowledge_share, seed), tok,
+                                       replace(cfg.core, seed=seed), train_on="all", where="teacher mixture"),
     }
     for name, make_docs in student_docs.items():
         phase_dir = seed_dir / name
