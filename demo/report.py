@@ -14,7 +14,9 @@ def _pct(x: float) -> str:
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title="cogcore demo: before sleep -> after sleep (held-out episodes)")
+    t = Table(title="cogcore demo: before sleep -> after sleep (held-out episodes)",
+              caption=f"per user: {results['heldout_per_user']} held-out episodes; general probe: "
+                      f"{results['n_probes']} real-world questions the gate does not ask")
     for col in ("user", "success", "world model", "general probe", "leakage", "gate", "adapter"):
         t.add_column(col)
     for uid, r in results["users"].items():
@@ -85,7 +87,8 @@ def write_report(out: Path, results: dict) -> Path:
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}</style>
 <h1>cogcore demo</h1>
 <p>Core: {html.escape(results['core']['provenance'])} (base {html.escape(results['core']['base_hash'][:12])}).
-{len(users)} users, {results['heldout_per_user']} held-out episodes each, measured through the server.
+{len(users)} users, {results['heldout_per_user']} held-out episodes each, measured through the server;
+general probe: {results['n_probes']} real-world questions that the gate does not ask.
 Planted junk: {junk.get('planted', 0)} episodes, dropped by consolidation: {junk.get('dropped', 0)}.</p>
 <table><tr><th>user</th><th>success</th><th>world model</th><th>general probe</th><th>leakage</th><th>gate</th><th>gate's reasons</th></tr>
 {''.join(rows)}</table>

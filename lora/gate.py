@@ -375,11 +375,21 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
         if not ok:
             reasons.append(f"{name} {word}: {v:.4f} vs {against} {r:.4f} (limit {limit:.4f}, n={new['n']})")
 
+    # a bar over the gate's measurements (each a few seconds to a minute on CPU)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=7, desc=f"gate {user}", unit="check", dynamic_ncols=True, leave=False)
+
+    def done(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
     # (a) the user's held-out episodes: candidate vs the LIVE version (or the base)
     with using(model, candidate):
         new_held = heldout_metrics(model, tokenizer, heldout, cfg)
+    done("held-out: candidate")
     with using(model, reference):
         ref_held = heldout_metrics(model, tokenizer, heldout, cfg)
+    done(f"held-out: {reference_name}")
     judge("heldout_policy_accuracy", new_held.get("policy_accuracy"), ref_held.get("policy_accuracy"),
           lower_is_better=False, allowed=cfg.policy_tolerance, relative=False, against=reference_name)
     judge("heldout_policy_loss", new_held.get("policy_loss"), ref_held.get("policy_loss"), lower_is_better=True,
@@ -389,13 +399,16 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
 
     # (b) brain rot vs the base: general probes, answers, junk replies and losses; junk on the user's prompts
     base_gen = _base_general(model, tokenizer, cfg, cache_dir, base_tag)
+    done("general: base")
     with using(model, candidate):
         new_gen = general_metrics(model, tokenizer, cfg)
         new_gen["heldout_junk_loss"] = heldout_junk_loss(model, tokenizer, heldout, cfg)
+    done("general: candidate")
     with using(model, None):
         base_gen = {**base_gen, "heldout_junk_loss": heldout_junk_loss(model, tokenizer, heldout, cfg)}
         base_held = ref_held if reference is None else {
             "policy_loss": _policy_loss(model, tokenizer, heldout, cfg)}
+    done("junk on the user's prompts: base")
     judge("general_probe_accuracy", new_gen.get("probe_accuracy"), base_gen.get("probe_accuracy"),
           lower_is_better=False, allowed=cfg.probe_tolerance, relative=False, against="base")
     judge("general_answer_accuracy", new_gen.get("answer_accuracy"), base_gen.get("answer_accuracy"),
@@ -420,13 +433,16 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
         prompts = [prompt_ids(tokenizer, prompt_text(h["policy_segments"])) for h in prompt_rows]
         with using(model, candidate):
             new_leak = leak_rate(model, tokenizer, prompts, patterns, cfg)
+        done("leakage: candidate")
         with using(model, None):
             base_leak = leak_rate(model, tokenizer, prompts, patterns, cfg)
+        done("leakage: base")
         judge("leakage", new_leak, base_leak, lower_is_better=True, allowed=cfg.leak_tolerance, relative=False,
               against="base")
         criteria["leakage"]["other_users"] = sorted(others)
     else:
         criteria["leakage"] = {"passed": True, "n": 0, "note": "no other users' held-out specifics to check"}
+    bar.close()
 
     return {"passed": not reasons, "reasons": reasons, "criteria": criteria, "user": user,
             "reference": reference_name, "config": asdict(cfg), "elapsed_s": round(time.time() - t0, 2)}
