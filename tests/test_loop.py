@@ -184,3 +184,21 @@ def test_tokens_seen_counts_tokens_not_loss_weights(tmp_path):
     assert last["tokens"] == 3 * 101 and last["trained_tokens"] == 3 * 97
     state = json.loads(next((tmp_path / "checkpoints").glob("step-*")).joinpath("state.json").read_text())
     assert state["tokens_seen"] == 3 * 101 and state["loss_weight_sum"] == pytest.approx(3 * 97 * 0.5)
+
+
+def test_a_lora_checkpoint_holds_only_trainable_weights_and_resumes_exactly(rows, tmp_path):
+    """Tied embeddings (lm_head = embed_tokens, frozen) must not be saved with the adapter."""
+    def lora_model():
+        torch.manual_seed(0)
+        m = load_model("tiny-llama")
+        m.config.tie_word_embeddings = True
+        m.tie_weights()
+        assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+        return add_lora(m, LoraConfig(r=4, alpha=8))
+    c = cfg(max_steps=6, save_every=3)
+    full = train(CausalLMLoss(lora_model()), rows, c, tmp_path / "full", DistInfo())
+    train(CausalLMLoss(lora_model()), rows, c, tmp_path / "cut", DistInfo(), stop_after=4)
+    saved = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000003" / "trainable.pt", weights_only=True)
+    assert saved and all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k][:3]
+    rest = train(CausalLMLoss(lora_model()), rows, c, tmp_path / "cut", DistInfo())
+    assert rest.resumed_from == 3 and rest.losses == pytest.approx(full.losses[3:], abs=1e-6)
