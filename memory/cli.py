@@ -143,6 +143,12 @@ def _forget(log, args) -> int:
     print(f"forgot {args.user}: {removed['events']} events, {removed['quarantine']} quarantined lines, "
           f"{removed['notes']} notes, {removed['consolidations']} consolidation records, "
           f"sets folder: {removed['sets_dir'] or 'none'}")
+    # adapters belong to lora/ (memory/ does not import it), but they were trained on this data
+    from cogcore.train.workspace import get_workspace
+    adapters = get_workspace().adapters / args.user
+    if adapters.is_dir() and any(adapters.iterdir()):
+        print(f"{args.user} still has published adapters trained on this data in {adapters}: "
+              f"`cogcore adapters forget {args.user} --yes` deletes them", file=sys.stderr)
     return 0
 
 

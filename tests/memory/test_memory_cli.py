@@ -46,8 +46,10 @@ def test_ingest_stats_consolidate_notes_export_forget(cli, tmp_path, make_histor
     assert len(exported) == len(events) and all(e["user_id"] == "alice" for e in exported)
     assert run("export", "--user", "alice", check=True).stdout.count("\n") == len(events)
 
+    (home / "adapters" / "alice" / "v1").mkdir(parents=True)  # an adapter published from this data
     p = run("forget", "--user", "alice", check=True)
     assert f"forgot alice: {len(events)} events, 2 quarantined lines" in p.stdout
+    assert "cogcore adapters forget alice --yes" in p.stderr  # the adapters are kept, and it says so
     assert str(home / "consolidated" / "alice") in p.stdout
     assert not (home / "consolidated" / "alice").exists()
     assert "no notes for alice" in run("notes", "--user", "alice", check=True).stdout
