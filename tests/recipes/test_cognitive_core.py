@@ -66,7 +66,7 @@ def test_pretrained_base_pipeline_on_a_tiny_preset_with_a_pruned_student(cli, tm
     args = ("experiment", "cognitive-core", "--out", str(out), "quick=true", "base=tiny-llama",
             "student_init=prune", "prune.layers=1")
     proc = cli(*args, check=True)
-    assert "not judged" in proc.stdout and "PASS" not in proc.stdout
+    assert "a lab run" in proc.stdout and "PASS" not in proc.stdout
     res = json.loads((out / "results.json").read_text())
     seed = out / "seed-0"
     assert not (seed / "reader").exists()  # a pretrained base needs no reader
@@ -83,7 +83,7 @@ def test_pretrained_base_pipeline_on_a_tiny_preset_with_a_pruned_student(cli, tm
     assert (out / "curves.png").is_file() and (out / "core.png").is_file()
     # a rerun skips every finished phase and eval and reports the same numbers
     again = cli(*args, check=True)
-    assert "teacher:" not in again.stdout and "student core" not in again.stdout
+    assert "[seed 0] teacher:" not in again.stdout and "[seed 0] student" not in again.stdout
     assert json.loads((out / "results.json").read_text())["core"] == res["core"]
 
 
