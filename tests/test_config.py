@@ -100,12 +100,14 @@ def test_non_finite_number_in_a_yaml_file(tmp_path):
 
 
 def test_one_nested_key_keeps_the_rest_of_the_sections_own_default():
-    """ExperimentConfig.train defaults to lr=2e-3, micro_batch=8 (not TrainConfig's): setting
+    """ExperimentConfig.train has its own defaults (lr, progress: not TrainConfig's): setting
     train.max_steps alone must not reset them to the class defaults."""
     from cogcore.distill.cognitive_core import ExperimentConfig
-    default = ExperimentConfig().train
+    from cogcore.train.loop import TrainConfig
+    default, plain = ExperimentConfig().train, TrainConfig()
+    assert default.lr != plain.lr and default.progress != plain.progress  # else this test checks nothing
     cfg = load_config(ExperimentConfig, None, ["train.max_steps=7"])
-    assert cfg.train.max_steps == 7 and cfg.train.lr == default.lr == 2e-3 and cfg.train.micro_batch == 8
-    assert cfg.train.progress is False and cfg.loss.kind == "forward_kl"
+    assert cfg.train.max_steps == 7 and cfg.train.lr == default.lr and cfg.train.micro_batch == default.micro_batch
+    assert cfg.train.progress is default.progress and cfg.loss.kind == "forward_kl"
     cfg = load_config(ExperimentConfig, None, ["loss.temperature=2"])
     assert cfg.loss.kind == "forward_kl" and cfg.loss.temperature == 2.0  # not LossConfig's default jsd
