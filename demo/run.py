@@ -48,7 +48,7 @@ class DemoConfig:
     junk_share: float = field(0.25, help="junk episodes planted in each user's stream, as a share of real ones")
     max_new_tokens: int = field(40, help="tokens per reply")
     probes: int = field(40, help="general real-world probe questions asked before and after (0 = skip)")
-    gate_probes: int = field(20, help="real-world probes the gate itself asks (a set apart from the demo's own "
+    gate_probes: int = field(40, help="real-world probes the gate itself asks (a set apart from the demo's own "
                                       "probes above; 0 = the gate guards general ability by losses only)")
     gate_general_documents: int = field(32, help="general documents whose loss the gate compares with the base")
     concurrency: int = field(16, help="requests in flight at once (the server batches them)")

@@ -96,8 +96,8 @@ def test_world_model_is_scored_against_what_the_environment_answers_to_that_acti
 def test_the_demos_probes_are_not_the_ones_the_gate_asks():
     from cogcore.demo.run import _probe_questions
     from cogcore.lora.gate import fixed_probes
-    gate = {p.question for p in fixed_probes(20)}
-    demo = _probe_questions(20, 20)
-    assert len(demo) == 20 and len({p.question for p in demo}) == 20
+    gate = {p.question for p in fixed_probes(40)}
+    demo = _probe_questions(40, 40)
+    assert len(demo) == 40 and len({p.question for p in demo}) == 40
     assert not gate & {p.question for p in demo}
     assert _probe_questions(0, 20) == []
