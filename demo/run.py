@@ -302,14 +302,8 @@ def _junk_events(u: DemoUser, junk: tuple[str, ...], rng, episode_id: str, ts: f
 def _probe_questions(n: int, gate_probes: int) -> list:
     """``n`` real-world probes spread over the file, none of them one the gate asks: the demo's
     general check stays independent of what the gate optimised its decision on."""
-    if n <= 0:
-        return []
-    from cogcore.eval.probes import load_probes
     from cogcore.lora.gate import fixed_probes
-    asked_by_gate = {p.question for p in fixed_probes(gate_probes)}
-    rest = [p for p in load_probes() if p.question not in asked_by_gate]
-    step = max(1, len(rest) // n)
-    return rest[::step][:n]
+    return fixed_probes(n, exclude={p.question for p in fixed_probes(gate_probes)})
 
 
 def _measure(server, users, split, probes, cfg, model_of, policy_messages, world_messages,

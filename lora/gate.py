@@ -148,12 +148,13 @@ def acts_right(reply: str, check: str, right_action: str) -> bool:
     return bool(want) and (got.startswith(want) or want in got)
 
 
-def fixed_probes(n: int):
-    """``n`` real-world probes spread over the whole file (every category), always the same ones."""
+def fixed_probes(n: int, exclude: frozenset[str] | set[str] = frozenset()):
+    """``n`` real-world probes spread over the whole file (every category), always the same ones;
+    questions in ``exclude`` are skipped (a check that must stay apart from the gate's own)."""
     from cogcore.eval.probes import load_probes
-    probes = load_probes()
     if n <= 0:
         return []
+    probes = [p for p in load_probes() if p.question not in exclude]
     step = max(1, len(probes) // n)
     return probes[::step][:n]
 
