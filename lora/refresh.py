@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -69,6 +70,11 @@ class RefreshData:
     policy_scale: float = field(1.0, help="multiplies the set's loss weights on policy rows")
     world_scale: float = field(1.0, help="multiplies the set's loss weights on world-model rows")
     replay_scale: float = field(1.0, help="multiplies the set's loss weights on replay rows")
+    replay_answers: Literal["set", "base"] = field("set", help="answers the replay rows are trained on: the set's own "
+                                                   "('set'), or the base model's greedy reply to each replay prompt "
+                                                   "('base': self-distillation, so the adapter keeps answering general "
+                                                   "prompts the way the core does)")
+    replay_max_new_tokens: int = field(64, help="longest base reply generated per replay prompt (replay_answers=base)")
 
     def __post_init__(self):
         if self.seq_len < 8:
@@ -78,6 +84,8 @@ class RefreshData:
         for t in TARGETS:
             if getattr(self, f"{t}_scale") < 0:
                 raise ValueError(f"data.{t}_scale must be >= 0")
+        if self.replay_max_new_tokens < 1:
+            raise ValueError(f"data.replay_max_new_tokens must be >= 1, got {self.replay_max_new_tokens}")
 
 
 def _refresh_train() -> TrainConfig:
@@ -141,6 +149,55 @@ def set_records(cset: ConsolidatedSet, data: RefreshData) -> list[dict]:
         scale = getattr(data, f"{row['target']}_scale")
         out.append({"segments": [{"text": s["text"], "weight": float(s["weight"]) * scale} for s in row["segments"]],
                     "target": row["target"]})
+    return out
+
+
+@torch.no_grad()
+def answer_replay_with_base(model, tokenizer, records: list[dict], max_new_tokens: int, quiet: bool = False) -> list[dict]:
+    """Self-distillation replay: every replay row's answer becomes the base model's own greedy
+    reply to the row's prompt. Trained on these, an adapter learns its user's rules while it is
+    pulled back to what the core itself says on general prompts, instead of to a dataset's
+    wording (which moves the core too). ``model`` must be the plain base (no adapter active).
+    Rows without a prompt (plain text) are kept as they are."""
+    from cogcore.eval.core import generate
+    from cogcore.memory.formats import render_prompt, reply_end
+
+    from .gate import prompt_ids, prompt_text
+    # the assistant header a chat template puts before a reply: part of the prompt when generating
+    bare = [{"role": "user", "content": "x"}]
+    header = ""
+    if getattr(tokenizer, "chat_template", None):
+        header = render_prompt(tokenizer, bare)[len(tokenizer.apply_chat_template(bare, tokenize=False)):]
+    jobs: dict[str, list[int]] = {}   # prompt text -> indices of the rows asking it
+    for i, r in enumerate(records):
+        segs = r["segments"]
+        trained = next((s for s in segs if float(s["weight"]) > 0), None)
+        prompt = prompt_text(segs)
+        if r.get("target") != "replay" or trained is None or not prompt.strip():
+            continue
+        lead = header if header and trained["text"].startswith(header) else ""
+        jobs.setdefault(prompt + lead, []).append(i)
+    if not jobs:
+        return records
+    t0 = time.time()
+    prompts = list(jobs)
+    got = generate(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens)
+    out = list(records)
+    end = reply_end(tokenizer)
+    for prompt, reply in zip(prompts, got):
+        reply = reply.strip()
+        # a reply cut at max_new_tokens did not end: do not teach the adapter to stop there
+        cut = len(tokenizer(reply, add_special_tokens=False).input_ids) >= max_new_tokens - 1
+        for i in jobs[prompt]:
+            segs = records[i]["segments"]
+            weight = next(float(s["weight"]) for s in segs if float(s["weight"]) > 0)
+            before = prompt_text(segs)
+            out[i] = {**records[i], "segments": [{"text": before, "weight": 0.0},
+                                                 {"text": prompt[len(before):] + reply + ("" if cut else end),
+                                                  "weight": weight}]}
+    if not quiet:
+        print(f"replay: {len(prompts)} general prompts answered by the base itself in {time.time() - t0:.0f} s "
+              "(self-distillation replay)", flush=True)
     return out
 
 
@@ -250,6 +307,11 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model)
         base = model.base_hash
+        # the set's rows with their per-segment weights (policy / world / replay)
+        records = set_records(cset, cfg.data)
+        if cfg.data.replay_answers == "base":
+            records = answer_replay_with_base(model, tokenizer, records, cfg.data.replay_max_new_tokens,
+                                              quiet=not di.is_main)
         warm = _live_for_base(registry, user, base) if cfg.warm_start else None
         if warm is not None:
             from peft import PeftModel
@@ -258,8 +320,6 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         else:
             model = add_lora(model, cfg.lora)
 
-        # the set's rows with their per-segment weights (policy / world / replay)
-        records = set_records(cset, cfg.data)
         rows = pack_user_rows(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing)
         train_cfg = cfg.train
         if len(rows) < train_cfg.micro_batch * train_cfg.grad_accum * di.world_size:
@@ -382,7 +442,14 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
         base = model.base_hash
         warm = {u: _live_for_base(registry, u, base) for u in sets} if cfg.warm_start else {}
         init = {u: registry.load_weights(a, base) for u, a in warm.items() if a is not None}
+        if cfg.data.replay_answers == "base":  # one generation pass over every user's replay prompts
+            flat = [(u, r) for u in sorted(records) for r in records[u]]
+            answered = answer_replay_with_base(model, tokenizer, [r for _, r in flat], cfg.data.replay_max_new_tokens,
+                                               quiet=not di.is_main)
+            records = {u: [r for (v, _), r in zip(flat, answered) if v == u] for u in records}
+        # the run directory is named by what is trained: other data (scales, replay answers) is another run
         tag = "-".join(f"{u}{sets[u].version}" for u in sorted(sets))
+        tag += json.dumps(records, sort_keys=True, default=str)
         group_dir = get_workspace().runs / f"refresh-grouped-{hashlib.sha256(tag.encode()).hexdigest()[:10]}"
         if di.is_main:
             print(f"refresh: {len(sets)} users in one pass ({', '.join(sorted(sets))}); base {base[:12]}; "

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="model for the tokenizer / perplexity / lessons (default smollm2-135m)")
     sp.add_argument("--max-perplexity", type=float, help="turn the model score on with this threshold (0 = off)")
     sp.add_argument("--replay-share", type=float, help="share of replay rows (the config key `replay_share`)")
-    sp.add_argument("--replay-source", help="builtin:chat-arithmetic or a records file")
+    sp.add_argument("--replay-source", help="builtin:chat-arithmetic, builtin:chat-everyday or a records file")
     sp.add_argument("--heldout-fraction", type=float, help="share of successful episodes held out for the gate")
     sp.add_argument("--lessons", choices=["template", "model"], help="who writes lessons")
     sp.add_argument("--out", help="folder for the sets (default <workspace>/consolidated)")

@@ -175,3 +175,29 @@ def test_packed_loss_equals_unpacked_loss_on_cuda(attn):
     with torch.no_grad():
         a, b = (loss({k: v.cuda() for k, v in make_batch(r, torch.arange(len(r))).items()}) for r in (packed, unpacked))
     torch.testing.assert_close(a["loss_sum"].float(), b["loss_sum"].float(), rtol=2e-2, atol=1e-2)
+
+
+def test_chat_everyday_is_seeded_correct_and_apart_from_the_real_world_probes():
+    import re
+
+    from cogcore.eval.probes import load_probes
+    from cogcore.train.data import builtin_records
+    recs = builtin_records("chat-everyday", 3000, 7)
+    assert recs == builtin_records("chat-everyday", 3000, 7) and recs != builtin_records("chat-everyday", 3000, 8)
+    qa = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in recs]
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in recs)
+    assert len({q for q, _ in qa}) > 500  # varied, not a handful of strings repeated
+    checked = 0
+    for q, a in qa:  # the computable answers are right
+        if m := re.fullmatch(r'Spell "(\w+)" backwards\.', q):
+            assert a == f'"{m[1]}" spelled backwards is "{m[1][::-1]}".'
+            checked += 1
+        elif m := re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", q):
+            assert a.startswith(f"{max(int(m[1]), int(m[2]))} is larger")
+            checked += 1
+        elif m := re.fullmatch(r"What is (\d+) \+ (\d+)\?", q):
+            assert a == f"{m[1]} + {m[2]} = {int(m[1]) + int(m[2])}."
+            checked += 1
+    assert checked > 300
+    probes = {p.question.lower() for p in load_probes()}
+    assert not probes & {q.lower() for q, _ in qa}  # replay must not train on what the probes ask

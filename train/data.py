@@ -37,7 +37,8 @@ BUILTIN_PREFIX = "builtin:"
 
 @dataclass
 class DataConfig:
-    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / builtin:stdlib-docs")
+    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / "
+                                                           "builtin:chat-everyday / builtin:stdlib-docs")
     seq_len: int = field(256, help="tokens per packed row")
     packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
     train_on: Literal["completion", "all"] = field(
@@ -81,12 +82,79 @@ def builtin_records(name: str, n: int, seed: int) -> list[dict]:
             else:
                 out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
         return out
+    if name == "chat-everyday":
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a in (_everyday_question(rng) for _ in range(n))]
     if name == "stdlib-docs":
         docs = _stdlib_docstrings()
         rng.shuffle(docs)
         return [{"text": d} for d in docs[:n]]
     raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic, "
-                       "builtin:stdlib-docs")
+                       "builtin:chat-everyday, builtin:stdlib-docs")
+
+
+# Everyday chat questions with answers that can be computed or looked up below: general
+# instruction-following text (word tasks, counting, simple facts of daily life) for replay and
+# gate checks. Kept clear of the real-world probes' subjects (capitals, authors, elements...).
+_OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("early", "late"),
+              ("light", "dark"), ("full", "empty"), ("open", "closed"), ("up", "down"), ("old", "new"),
+              ("wet", "dry"), ("strong", "weak"), ("loud", "quiet"), ("rich", "poor"), ("hard", "soft")]
+_PLURALS = [("cat", "cats"), ("box", "boxes"), ("child", "children"), ("mouse", "mice"), ("city", "cities"),
+            ("knife", "knives"), ("tooth", "teeth"), ("bus", "buses"), ("foot", "feet"), ("leaf", "leaves"),
+            ("woman", "women"), ("baby", "babies"), ("sheep", "sheep"), ("glass", "glasses")]
+_PAST = [("go", "went"), ("eat", "ate"), ("see", "saw"), ("run", "ran"), ("write", "wrote"), ("swim", "swam"),
+         ("buy", "bought"), ("think", "thought"), ("walk", "walked"), ("play", "played"), ("sing", "sang"),
+         ("bring", "brought"), ("take", "took"), ("jump", "jumped")]
+_LEGS = [("dog", 4), ("lizard", 4), ("bird", 2), ("cat", 4), ("ant", 6), ("horse", 4), ("duck", 2),
+         ("beetle", 6), ("cow", 4), ("chicken", 2), ("octopus", 8), ("bee", 6)]
+_COLOURS = [("grass", "green"), ("snow", "white"), ("a ripe banana", "yellow"), ("a clear daytime sky", "blue"),
+            ("coal", "black"), ("a ripe tomato", "red"), ("an orange", "orange"), ("milk", "white")]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_WORDS = ["garden", "window", "pencil", "river", "basket", "candle", "mirror", "ladder", "blanket", "orange",
+          "planet", "bridge", "kitchen", "button", "rabbit", "summer", "teacher", "wallet"]
+
+
+def _everyday_question(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(13)
+    if kind == 0:
+        w, o = rng.choice(_OPPOSITES)
+        return f"What is the opposite of {w}?", f"The opposite of {w} is {o}."
+    if kind == 1:
+        w, p = rng.choice(_PLURALS)
+        return f"What is the plural of {w}?", f"The plural of {w} is {p}."
+    if kind == 2:
+        v, p = rng.choice(_PAST)
+        return f"What is the past tense of {v}?", f"The past tense of {v} is {p}."
+    if kind == 3:
+        a, n = rng.choice(_LEGS)
+        art = "an" if a[0] in "aeiou" else "a"
+        return f"How many legs does {art} {a} have?", f"{art.capitalize()} {a} has {n} legs."
+    if kind == 4:
+        thing, colour = rng.choice(_COLOURS)
+        return f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}."
+    if kind == 5:
+        i = rng.randrange(7)
+        return f"What day comes after {_DAYS[i]}?", f"{_DAYS[(i + 1) % 7]} comes after {_DAYS[i]}."
+    if kind == 6:
+        w = rng.choice(_WORDS)
+        return f'How many letters are in the word "{w}"?', f'The word "{w}" has {len(w)} letters.'
+    if kind == 7:
+        w = rng.choice(_WORDS)
+        return f'Spell "{w}" backwards.', f'"{w}" spelled backwards is "{w[::-1]}".'
+    if kind == 8:
+        a, b = rng.sample(range(1, 1000), 2)
+        return f"Which is larger, {a} or {b}?", f"{max(a, b)} is larger than {min(a, b)}."
+    if kind == 9:
+        words = rng.sample(_WORDS, 3)
+        return f"Put these words in alphabetical order: {', '.join(words)}.", ", ".join(sorted(words)) + "."
+    if kind == 10:
+        n = rng.randint(1, 99)
+        return f"Is {n} an even or an odd number?", f"{n} is an {'even' if n % 2 == 0 else 'odd'} number."
+    if kind == 11:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+    h = rng.randint(2, 12)
+    return f"How many minutes are in {h} hours?", f"There are {60 * h} minutes in {h} hours."
 
 
 def _stdlib_docstrings(min_chars: int = 300) -> list[str]:

@@ -87,3 +87,16 @@ def test_bf16_scoring_is_close_to_fp32_and_cached_apart(tmp_path, cogcore_home, 
     for precision in ("fp32", "bf16"):
         _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, precision=precision), tmp_path, "b")
     assert len(list(tmp_path.glob("gate-base-*.json"))) == 2
+
+
+def test_a_general_answer_counts_by_its_result_not_its_wording():
+    from cogcore.lora.gate import _answer_hit
+    assert _answer_hit("85 + 88 = 173.", "85 + 88 = 173.")
+    assert _answer_hit("The sum of 85 and 88 is 173", "85 + 88 = 173.")
+    assert _answer_hit("ANSWER: 173", "85 + 88 = 173.")
+    assert not _answer_hit("85 + 88 = 100.", "85 + 88 = 173.")
+    assert not _answer_hit("It is 1730.", "85 + 88 = 173.")     # a longer number is not the result
+    assert _answer_hit("4 - 7 = -3", "4 - 7 = -3.") and not _answer_hit("4 - 7 = 3", "4 - 7 = -3.")
+    assert _answer_hit("Cold, of course.", "The opposite of hot is cold.")
+    assert not _answer_hit("It is colder.", "The opposite of hot is cold.")
+    assert not _answer_hit("anything", "")

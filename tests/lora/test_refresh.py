@@ -138,3 +138,66 @@ def test_qlora_refresh_on_an_nf4_base(fresh_home, demo_users, one_thread):
     art = AdapterRegistry().get("alice")
     assert res.published == "alice@v1" and art.lineage["quantize"] == "nf4"
     assert art.base_hash == load_model("tiny-llama").base_hash  # the same base, loaded in 4 bits
+
+
+def test_replay_answered_by_the_base_is_what_the_base_itself_says(general_base, one_thread):
+    """replay_answers=base: a replay row's answer becomes the base's own greedy reply (its argmax at
+    every trained token), ended like a chat reply; rows of other targets and prompt-less replay stay."""
+    from cogcore.lora.gate import prompt_text
+    from cogcore.lora.refresh import answer_replay_with_base
+    from cogcore.memory.formats import example_segments, reply_end
+    from cogcore.train.data import builtin_records, record_segments, tokenize_record
+
+    tok = load_tokenizer(general_base)
+    model = load_model(general_base).eval()
+    replay = [{"segments": [{"text": t, "weight": w} for t, w in record_segments(r, tok, "completion", "test")],
+               "target": "replay"} for r in builtin_records("chat-everyday", 6, 5)]
+    # a wrong answer in the set: the base's own reply replaces it
+    replay[0]["segments"][-1]["text"] = replay[0]["segments"][-1]["text"].replace("\n", "\nlol ok ", 1)
+    policy = {"segments": example_segments(tok, [{"role": "user", "content": "refund please"}], "Sure.", 1.0),
+              "target": "policy"}
+    plain = {"segments": [{"text": "just some text", "weight": 1.0}], "target": "replay"}
+    records = replay + [policy, plain]
+    out = answer_replay_with_base(model, tok, records, max_new_tokens=24, quiet=True)
+
+    assert out[-2] == policy and out[-1] == plain and len(out) == len(records)
+    for before, after in zip(replay, out):
+        assert prompt_text(after["segments"]) == prompt_text(before["segments"])
+        assert [s["weight"] for s in after["segments"]] == [0.0, 1.0]
+        assert after["segments"][1]["text"].startswith("<|im_start|>assistant\n")
+    assert "lol ok" not in out[0]["segments"][1]["text"]
+    # the base's argmax at each token of the reply is that token (decode -> encode may shift a boundary)
+    header, end = "<|im_start|>assistant\n", reply_end(tok)
+    hits = total = 0
+    for rec in out[:len(replay)]:
+        prompt = rec["segments"][0]["text"] + header
+        reply = rec["segments"][1]["text"][len(header):].removesuffix(end)
+        ids = tokenize_record({"segments": [{"text": prompt, "weight": 0.0}]}, tok, add_eos=False).input_ids
+        doc = tokenize_record({"segments": [{"text": prompt, "weight": 0.0}, {"text": reply, "weight": 1.0}]}, tok,
+                              add_eos=False)
+        with torch.no_grad():
+            pred = model(torch.tensor([doc.input_ids])).logits[0].argmax(-1)
+        for i in range(len(ids), len(doc.input_ids)):
+            hits += int(pred[i - 1] == doc.input_ids[i])
+            total += 1
+    assert total > 20 and hits / total > 0.9, (hits, total)
+    ended = [r for r in out[:len(replay)] if r["segments"][1]["text"].endswith(reply_end(tok))]
+    assert ended, "no base reply ended within 24 tokens"
+
+
+def test_grouped_refresh_run_is_named_by_its_data(fresh_home, demo_users, one_thread):
+    """Other replay answers are other training data: the grouped run lands in another directory
+    (it must not resume, and reuse, the adapters trained on the set's own answers)."""
+    from cogcore.lora.refresh import refresh_grouped
+    tok = load_tokenizer("tiny-llama")
+    for i, u in enumerate(demo_users.users[:2]):
+        make_user_set(fresh_home, tok, u, 1, n_train=6, replay_share=0.5)
+    common = ["model.source=tiny-llama", "lora.r=4", "train.max_steps=1", "train.save_every=1", "data.seq_len=128",
+              "train.progress=false", "train.tensorboard=false", "gate.enabled=false"]
+    users = [u.id for u in demo_users.users[:2]]
+    refresh_grouped(load_config(RefreshConfig, None, common), users, AdapterRegistry())
+    refresh_grouped(load_config(RefreshConfig, None, common + ["data.replay_answers=base",
+                                                                "data.replay_max_new_tokens=4"]), users,
+                    AdapterRegistry())
+    runs = sorted(p.name for p in (fresh_home / "runs").glob("refresh-grouped-*"))
+    assert len(runs) == 2, runs
