@@ -50,7 +50,7 @@ class DemoConfig:
     probes: int = field(40, help="general real-world probe questions asked before and after (0 = skip)")
     gate_probes: int = field(40, help="real-world probes the gate itself asks (a set apart from the demo's own "
                                       "probes above; 0 = the gate guards general ability by losses only)")
-    gate_general_documents: int = field(32, help="general documents whose loss the gate compares with the base")
+    gate_general_documents: int = field(64, help="general questions whose answers and loss the gate compares with the base")
     concurrency: int = field(16, help="requests in flight at once (the server batches them)")
     lora_r: int = field(16, help="rank of each user's adapter")
     lora_alpha: float = field(32.0, help="LoRA alpha")
@@ -58,6 +58,12 @@ class DemoConfig:
     lr: float = field(1e-3, help="refresh learning rate")
     micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
     seq_len: int = field(256, help="tokens per packed row in the refresh")
+    replay_source: str = field("builtin:chat-everyday", help="general prompts mixed into each user's training set "
+                                                             "against forgetting (consolidate.replay_source)")
+    replay_share: float = field(0.2, help="share of each user's training rows that are replay")
+    replay_answers: Literal["base", "set"] = field("base", help="replay answered by the core itself ('base': the "
+                                                                "adapter is held to what the core says on general "
+                                                                "prompts) or by the replay source's own answers")
     precision: Literal["bf16", "fp32"] = field("bf16", help="refresh and gate-scoring precision: bf16 autocast (about 1.7x "
                                                              "faster on CPUs with AMX) or fp32")
     seed: int = field(0, help="seed for junk planting, consolidation and training")
@@ -70,6 +76,8 @@ class DemoConfig:
             raise ValueError(f"heldout must be >= 1, got {self.heldout}")
         if not 0 <= self.junk_share <= 1:
             raise ValueError(f"junk_share must be in [0, 1], got {self.junk_share}")
+        if not 0 <= self.replay_share < 1:
+            raise ValueError(f"replay_share must be in [0, 1), got {self.replay_share}")
         if self.concurrency < 1 or self.max_new_tokens < 1:
             raise ValueError("concurrency and max_new_tokens must be >= 1")
 
@@ -384,7 +392,9 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  "refresh.train.warmup_steps=3", f"refresh.train.save_every={cfg.steps}",
                  f"refresh.data.seq_len={cfg.seq_len}", f"refresh.gate.probes={cfg.gate_probes}",
                  f"refresh.gate.general_documents={cfg.gate_general_documents}",
-                 f"refresh.gate.max_new_tokens={cfg.max_new_tokens}"] + list(cfg.sleep_overrides)
+                 f"refresh.gate.max_new_tokens={cfg.max_new_tokens}",
+                 f"consolidate.replay_source={cfg.replay_source}", f"consolidate.replay_share={cfg.replay_share}",
+                 f"refresh.data.replay_answers={cfg.replay_answers}"] + list(cfg.sleep_overrides)
     scfg = load_config(SleepConfig, None, overrides)
     rows = cycle(scfg)
     registry = AdapterRegistry()

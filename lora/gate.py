@@ -230,8 +230,9 @@ def general_metrics(model, tokenizer, cfg: GateConfig) -> dict:
     recs = general_records(cfg)
     qa = general_prompt_texts(tokenizer, recs)
     if qa:
-        got = replies(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in qa], cfg.probe_max_new_tokens,
-                      cfg.batch_size)
+        # the reply budget of held-out replies: a chatty core ("To add 85 and 88, we ...") states its
+        # result after 24 tokens, and a cut reply would count its verbosity, not its arithmetic
+        got = replies(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in qa], cfg.max_new_tokens, cfg.batch_size)
         hits = [_answer_hit(r, want) for (_, want), r in zip(qa, got)]
         out["answer_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits),
                                   "samples": [{"want": w, "reply": r} for (_, w), r in zip(qa[:3], got[:3])]}
