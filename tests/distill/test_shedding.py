@@ -232,3 +232,20 @@ def test_retrieval_config_errors(tmp_path):
     with pytest.raises(CogcoreError, match="does not exist"):
         shed_documents([{"prompt": "Q?", "completion": "A."}], tiny_tokenizer(),
                        ShedConfig(open_book=True, retrieval=str(tmp_path / "missing.jsonl")))
+
+
+def test_core_shedding_leaves_procedure_records_as_plain_kd_sees_them(world, tok):
+    """Issue 15: the core's procedures deficit is not its shedding touching procedure tokens —
+    every procedure record is kept (core_records), none is converted, and its token weights
+    (numbers included) are exactly the ones plain KD trains on."""
+    from cogcore.distill.cognitive_core import _core_shedding, core_records
+    mixture = world.teacher_mixture(40, 40, 20, 12, seed=3)
+    kept = core_records(mixture, 0.25, seed=3)
+    procs = [r for r in mixture if r["meta"]["kind"] == "procedures"]
+    assert [r for r in kept if r["meta"]["kind"] == "procedures"] == procs
+    assert not any(s["recall"] for r in procs for s in r["segments"])
+    core = shed_documents(procs, tok, _core_shedding(), train_on="all")
+    plain = [tokenize_record(r, tok, "all") for r in procs]
+    assert [d.input_ids for d in core] == [d.input_ids for d in plain]
+    assert [d.weights for d in core] == [d.weights for d in plain]
+    assert all(3.0 in d.weights for d in core)  # the computed answer keeps its weight
