@@ -41,7 +41,9 @@ def _bar_chart(path: Path, users: dict, before_key: str, after_key: str, title: 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.2))
     ax.bar([i - 0.2 for i in x], [users[n][before_key] for n in names], 0.4, label="before sleep (core)")
     ax.bar([i + 0.2 for i in x], [users[n][after_key] for n in names], 0.4, label="after sleep (user's adapter)")
-    ax.set_xticks(list(x), names)
+    # a refused adapter is not served: that user's "after" bar is the core again
+    ax.set_xticks(list(x), [n if users[n].get("gate_passed", True) else f"{n}\n(gate refused:\ncore serves)"
+                            for n in names], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
