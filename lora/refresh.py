@@ -168,7 +168,7 @@ def answer_replay_with_base(model, tokenizer, records: list[dict], max_new_token
     header = ""
     if getattr(tokenizer, "chat_template", None):
         header = render_prompt(tokenizer, bare)[len(tokenizer.apply_chat_template(bare, tokenize=False)):]
-    jobs: dict[str, list[int]] = {}   # prompt text -> indices of the rows asking it
+    jobs: dict[str, list[tuple[int, str, float]]] = {}   # prompt text -> (row, its own prompt, its weight)
     for i, r in enumerate(records):
         segs = r["segments"]
         trained = next((s for s in segs if float(s["weight"]) > 0), None)
@@ -176,7 +176,7 @@ def answer_replay_with_base(model, tokenizer, records: list[dict], max_new_token
         if r.get("target") != "replay" or trained is None or not prompt.strip():
             continue
         lead = header if header and trained["text"].startswith(header) else ""
-        jobs.setdefault(prompt + lead, []).append(i)
+        jobs.setdefault(prompt + lead, []).append((i, prompt, float(trained["weight"])))
     if not jobs:
         return records
     t0 = time.time()
@@ -188,16 +188,27 @@ def answer_replay_with_base(model, tokenizer, records: list[dict], max_new_token
         reply = reply.strip()
         # a reply cut at max_new_tokens did not end: do not teach the adapter to stop there
         cut = len(tokenizer(reply, add_special_tokens=False).input_ids) >= max_new_tokens - 1
-        for i in jobs[prompt]:
-            segs = records[i]["segments"]
-            weight = next(float(s["weight"]) for s in segs if float(s["weight"]) > 0)
-            before = prompt_text(segs)
-            out[i] = {**records[i], "segments": [{"text": before, "weight": 0.0},
-                                                 {"text": prompt[len(before):] + reply + ("" if cut else end),
+        for i, own_prompt, weight in jobs[prompt]:
+            out[i] = {**records[i], "segments": [{"text": own_prompt, "weight": 0.0},
+                                                 {"text": prompt[len(own_prompt):] + reply + ("" if cut else end),
                                                   "weight": weight}]}
     if not quiet:
         print(f"replay: {len(prompts)} general prompts answered by the base itself in {time.time() - t0:.0f} s "
               "(self-distillation replay)", flush=True)
+    return out
+
+
+def answered_replay(model, tokenizer, records: dict[str, list[dict]], data: RefreshData, di: DistInfo) -> dict:
+    """Each user's records, their replay rows answered by the base when ``data.replay_answers=base``
+    (one generation pass for all users); ``model`` is the plain base."""
+    if data.replay_answers != "base":
+        return records
+    users = sorted(records)
+    flat = answer_replay_with_base(model, tokenizer, [r for u in users for r in records[u]],
+                                   data.replay_max_new_tokens, quiet=not di.is_main)
+    out, start = {}, 0
+    for u in users:
+        out[u], start = flat[start:start + len(records[u])], start + len(records[u])
     return out
 
 
@@ -308,10 +319,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         model = load_model(cfg.model)
         base = model.base_hash
         # the set's rows with their per-segment weights (policy / world / replay)
-        records = set_records(cset, cfg.data)
-        if cfg.data.replay_answers == "base":
-            records = answer_replay_with_base(model, tokenizer, records, cfg.data.replay_max_new_tokens,
-                                              quiet=not di.is_main)
+        records = answered_replay(model, tokenizer, {user: set_records(cset, cfg.data)}, cfg.data, di)[user]
         warm = _live_for_base(registry, user, base) if cfg.warm_start else None
         if warm is not None:
             from peft import PeftModel
@@ -442,11 +450,7 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
         base = model.base_hash
         warm = {u: _live_for_base(registry, u, base) for u in sets} if cfg.warm_start else {}
         init = {u: registry.load_weights(a, base) for u, a in warm.items() if a is not None}
-        if cfg.data.replay_answers == "base":  # one generation pass over every user's replay prompts
-            flat = [(u, r) for u in sorted(records) for r in records[u]]
-            answered = answer_replay_with_base(model, tokenizer, [r for _, r in flat], cfg.data.replay_max_new_tokens,
-                                               quiet=not di.is_main)
-            records = {u: [r for (v, _), r in zip(flat, answered) if v == u] for u in records}
+        records = answered_replay(model, tokenizer, records, cfg.data, di)
         # the run directory is named by what is trained: other data (scales, replay answers) is another run
         tag = "-".join(f"{u}{sets[u].version}" for u in sorted(sets))
         tag += json.dumps(records, sort_keys=True, default=str)
