@@ -37,7 +37,9 @@ the curves; the targets with PASS / FAIL / not measurable), ``DIR/core.png`` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -185,6 +187,10 @@ class ExperimentConfig:
                   "before open-book conversion: each becomes a ~100-token context, so at 1.0 they fill ~80 % of its "
                   "tokens and, in the same steps, it sees ~1/3 of the procedures, two-hop and contradiction "
                   "records plain KD sees (seed 0: procedures 0.42 at 1.0, 0.68 at 0.25 = plain KD's)")
+    transfer_procedures: int = field(
+        0, help="extra procedure records (fresh draws of the same compare / add generator) added to BOTH students' "
+                "distillation data, not to the teacher's: the transfer set may stress reasoning more than the "
+                "teacher's own mix (students see ~half the mixture in their steps, so ~48 of 100 procedures)")
     eval_n: int = field(100, help="questions per world metric")
     eval_batch: int = field(32, help="prompts generated together in the eval")
     probes: int = field(24, help="real-world probes per model (each asked closed-book, open-book and against a false "
@@ -202,8 +208,8 @@ class ExperimentConfig:
         if not 0 < self.core_knowledge_share <= 1:
             raise ValueError(f"core_knowledge_share={self.core_knowledge_share} must be in (0, 1] (1 keeps every "
                              "knowledge record)")
-        if self.probes < 0 or self.curve_every < 0:
-            raise ValueError("probes and curve_every must be >= 0")
+        if self.probes < 0 or self.curve_every < 0 or self.transfer_procedures < 0:
+            raise ValueError("probes, curve_every and transfer_procedures must be >= 0")
         for phase in ("reader", "teacher", "train"):
             if getattr(self, phase).eval_every:
                 raise ValueError(f"{phase}.eval_every does nothing here (the phases hold out no rows; the eval step "
@@ -282,8 +288,55 @@ def documents(records: list[dict], tokenizer) -> list[Document]:
     return [tokenize_record(r, tokenizer, "all", where=f"world record {i}") for i, r in enumerate(records)]
 
 
-def _done(phase_dir: Path) -> bool:
-    return (phase_dir / "model" / "config.json").is_file()
+PHASE_FILE = "phase.json"   # what a finished phase was made with, beside its model
+
+
+def _phase_settings(cfg: ExperimentConfig, phase: str, tcfg: TrainConfig) -> dict:
+    """The settings that decide a phase's model (flat keys): a rerun into the same --out reuses a
+    finished phase only when they are the same."""
+    from ..train.checkpoint import resume_config
+    settings: dict = {"base": cfg.base, "world": asdict(cfg.world), "mixture": asdict(cfg.mixture),
+                      "seq_len": cfg.seq_len}
+    if cfg.base == SCRATCH:
+        settings["net"] = asdict(cfg.net)
+    if phase in ("plain_kd", "core"):
+        settings.update(teacher=asdict(cfg.teacher), loss=asdict(cfg.loss), student_init=cfg.student_init,
+                        transfer_procedures=cfg.transfer_procedures)
+        if cfg.student_init == "prune":
+            settings["prune"] = asdict(cfg.prune)
+    if phase == "core":
+        settings.update(core=asdict(cfg.core), core_knowledge_share=cfg.core_knowledge_share)
+    flat = resume_config(asdict(tcfg), settings)
+    return {k: v for k, v in flat.items() if k not in _NOT_RESULT}
+
+
+# keys that do not change a finished phase's model (max_steps does, unlike on resume)
+_NOT_RESULT = frozenset({"train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
+                         "train.progress", "train.tensorboard", "train.resume"})
+
+
+def _done(phase_dir: Path, settings: dict) -> bool:
+    """True when ``phase_dir`` holds a finished model made with ``settings``; refuses one made with others."""
+    if not (phase_dir / "model" / "config.json").is_file():
+        return False
+    path = phase_dir / PHASE_FILE
+    if not path.is_file():
+        print(f"{phase_dir}: finished by an older cogcore that did not record its settings; reused as is", flush=True)
+        return True
+    old = json.loads(path.read_text())
+    changes = [(k, old[k], settings[k]) for k in sorted(old.keys() & settings.keys()) if old[k] != settings[k]]
+    if changes:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes[:6])
+        raise CogcoreError(f"{phase_dir} holds a finished {phase_dir.name} made with other settings ({listed}); "
+                           "reusing it would mix two experiments. Use another --out, or delete that directory and "
+                           "the seed's eval-*.json to redo it")
+    return True
+
+
+def _mark_done(phase_dir: Path, settings: dict) -> None:
+    tmp = phase_dir / (PHASE_FILE + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True, default=str))
+    tmp.replace(phase_dir / PHASE_FILE)
 
 
 def _autocast(tcfg: TrainConfig):
@@ -375,6 +428,38 @@ def core_records(mixture: list[dict], knowledge_share: float, seed: int) -> list
     return [r for i, r in enumerate(mixture) if record_kind(r) not in KNOWLEDGE_KINDS or i in keep]
 
 
+def transfer_set(world, mixture: list[dict], extra_procedures: int, seed: int, held_out: list[str]) -> list[dict]:
+    """The students' distillation data: the teacher's mixture plus ``extra_procedures`` fresh procedure
+    records (their own seed, so not the teacher's), none asking a question in ``held_out`` (the eval's
+    and the curve's), shuffled in."""
+    if not extra_procedures:
+        return mixture
+    import random
+    banned = {_operands(q) for q in held_out}
+    extra: list[dict] = []
+    draw = 0
+    while len(extra) < extra_procedures:
+        if draw >= 50:
+            raise CogcoreError(f"transfer_procedures={extra_procedures}: the world has too few procedure questions "
+                               "outside the eval's; raise world.max_number or lower transfer_procedures")
+        for rec in world.training_records("procedures", extra_procedures, seed=3000 + 17 * seed + draw):
+            if _operands(_question(rec)) not in banned and len(extra) < extra_procedures:
+                extra.append(rec)
+        draw += 1
+    records = mixture + extra
+    random.Random(f"cogcore-transfer-{seed}").shuffle(records)
+    return records
+
+
+def _question(record: dict) -> str:
+    return next(seg["text"] for seg in record["segments"] if seg.get("kind") == "question")
+
+
+def _operands(question: str) -> tuple:
+    """A procedure question by what it asks (operation and numbers), whatever its template."""
+    return ("add" if "plus" in question else "compare", *sorted(re.findall(r"\d+", question)))
+
+
 # ----------------------------------------------------------------------------- one seed
 
 def _base(cfg: ExperimentConfig, world, seed: int, seed_dir: Path, seconds: dict):
@@ -386,7 +471,9 @@ def _base(cfg: ExperimentConfig, world, seed: int, seed_dir: Path, seconds: dict
     tok = world_tokenizer(world)
     mx = cfg.mixture
     reader_dir = seed_dir / "reader"
-    if not _done(reader_dir):
+    reader_cfg = replace(cfg.reader, seed=seed)
+    settings = _phase_settings(cfg, "reader", reader_cfg)
+    if not _done(reader_dir, settings):
         # The statements are random draws about throwaway people: noise to predict. Zero weight on
         # them (mask_recall) spends the whole loss on questions and answers, i.e. on lookup.
         records = ([mask_recall(r) for r in world.training_records(
@@ -395,7 +482,8 @@ def _base(cfg: ExperimentConfig, world, seed: int, seed_dir: Path, seconds: dict
                    + world.training_records("procedures", mx.reader_procedures, seed=1000 + seed))
         print(f"[seed {seed}] reader: {len(records)} records (throwaway people only)", flush=True)
         seconds["reader"] = train_lm(build_scratch_model(tok, cfg.net, seed), tok, documents(records, tok),
-                                     replace(cfg.reader, seed=seed), reader_dir, cfg.seq_len)
+                                     reader_cfg, reader_dir, cfg.seq_len)
+        _mark_done(reader_dir, settings)
     return tok, (lambda: load_model(ModelSpec(source=str(reader_dir / "model"))))
 
 
@@ -433,37 +521,47 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> dict:
         (seed_dir / name).mkdir(parents=True, exist_ok=True)
         return Curve(seed_dir / name / "curve.jsonl", score)
 
+    made_with: dict[str, dict] = {}   # each model's phase settings: an eval is reused only for the same model
+
     # 1. teacher: the full mixture (memorise the seen world, keep reading)
     mx = cfg.mixture
     mixture = world.teacher_mixture(mx.facts, mx.closed_book, mx.open_book, mx.procedures, seed=seed,
                                     throwaway_fraction=mx.throwaway_fraction, two_hop_fraction=mx.two_hop_fraction,
                                     contradiction_fraction=mx.contradiction_fraction)
     teacher_dir = seed_dir / "teacher"
-    if not _done(teacher_dir):
+    teacher_cfg = replace(cfg.teacher, seed=seed)
+    settings = made_with["teacher"] = _phase_settings(cfg, "teacher", teacher_cfg)
+    if not _done(teacher_dir, settings):
         docs = documents(mixture, tok)
         print(f"[seed {seed}] teacher: {len(mixture)} records, {sum(len(d.input_ids) for d in docs):,} tokens, "
               f"{cfg.teacher.max_steps} steps x {cfg.teacher.micro_batch} rows x {cfg.seq_len}", flush=True)
-        seconds["teacher"] = train_lm(base(), tok, docs, replace(cfg.teacher, seed=seed), teacher_dir, cfg.seq_len,
-                                      curve("teacher"), every)
+        seconds["teacher"] = train_lm(base(), tok, docs, teacher_cfg, teacher_dir, cfg.seq_len, curve("teacher"), every)
+        _mark_done(teacher_dir, settings)
     teacher = load_model(ModelSpec(source=str(teacher_dir / "model")))
 
     # 2./3. students from the same init, the same steps and rows: plain KD on the full mixture,
-    # core through knowledge shedding
+    # core through knowledge shedding; both on the same transfer set (the mixture, plus extra procedures)
     student = _student_init(cfg, base, seed_dir)
+    asked = [qa.question for n, s in ((cfg.eval_n, seed), (cfg.curve_n, 10_000 + seed))
+             for ex in world.examples("procedures", n, s) for qa in ex.qas]
+    transfer = transfer_set(world, mixture, cfg.transfer_procedures, seed, held_out=asked)
     student_docs = {
-        "plain_kd": lambda: documents(mixture, tok),
-        "core": lambda: shed_documents(core_records(mixture, cfg.core_knowledge_share, seed), tok,
+        "plain_kd": lambda: documents(transfer, tok),
+        "core": lambda: shed_documents(core_records(transfer, cfg.core_knowledge_share, seed), tok,
                                        replace(cfg.core, seed=seed), train_on="all", where="teacher mixture"),
     }
     for name, make_docs in student_docs.items():
         phase_dir = seed_dir / name
-        if not _done(phase_dir):
+        student_cfg = replace(cfg.train, seed=seed)
+        settings = made_with[name] = _phase_settings(cfg, name, student_cfg)
+        if not _done(phase_dir, settings):
             docs = make_docs()
             trained = sum(sum(d.weights) for d in docs)
             print(f"[seed {seed}] student {name}: {len(docs)} documents, {trained:,.0f} trained token weight, "
                   f"{cfg.train.max_steps} steps", flush=True)
-            seconds[name] = distill_student(student(), teacher, tok, docs, replace(cfg.train, seed=seed), cfg.loss,
+            seconds[name] = distill_student(student(), teacher, tok, docs, student_cfg, cfg.loss,
                                             phase_dir, cfg.seq_len, curve(name), every)
+            _mark_done(phase_dir, settings)
 
     # 4. eval: the same questions for all three (a finished eval is kept)
     probes = load_probes() if cfg.probes else False
@@ -473,14 +571,20 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> dict:
     results: dict[str, dict] = {}
     for name in MODELS:
         path = seed_dir / f"eval-{name}.json"
+        asked = {"model": hashlib.sha256(json.dumps(made_with[name], sort_keys=True, default=str).encode()).hexdigest(),
+                 "eval_n": cfg.eval_n, "probes": cfg.probes}
         if path.is_file():
-            results[name] = json.loads(path.read_text())["metrics"]
-            continue
+            kept = json.loads(path.read_text())
+            if kept.get("meta", {}).get("asked", asked) == asked:   # an eval from before "asked" was kept: reused
+                results[name] = kept["metrics"]
+                continue
+            print(f"[seed {seed}] {path.name} was made for another model or eval size: evaluating again", flush=True)
         model = teacher if name == "teacher" else load_model(ModelSpec(source=str(seed_dir / name / "model")))
         t0 = time.time()
         report = evaluate_core(model, tok, world=world, probes=probes, n_per_metric=cfg.eval_n,
                                batch_size=cfg.eval_batch, seed=seed, progress=False)
         report.meta["phase_seconds"] = seconds.get(name)
+        report.meta["asked"] = asked
         report.save(path)
         print(f"[seed {seed}] eval {name}: {time.time() - t0:.0f}s", flush=True)
         results[name] = report.metrics

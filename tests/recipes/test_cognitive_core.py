@@ -85,6 +85,33 @@ def test_pretrained_base_pipeline_on_a_tiny_preset_with_a_pruned_student(cli, tm
     again = cli(*args, check=True)
     assert "[seed 0] teacher:" not in again.stdout and "[seed 0] student" not in again.stdout
     assert json.loads((out / "results.json").read_text())["core"] == res["core"]
+    # a rerun with other student settings is refused, not served the students of the first run
+    refused = cli(*args, "transfer_procedures=4")
+    assert refused.returncode != 0
+    assert "transfer_procedures 0 -> 4" in refused.stderr and "another --out" in refused.stderr
+    assert json.loads((out / "results.json").read_text())["core"] == res["core"]
+
+
+def test_extra_transfer_procedures_go_to_the_students_only_and_never_ask_an_eval_question():
+    from cogcore.eval.world import World, WorldConfig
+    world = World(WorldConfig(n_seen=6, n_unseen=10, n_throwaway=10, n_values=5, seed=3))
+    mixture = world.teacher_mixture(10, 10, 10, 20, seed=3)
+    asked = [qa.question for ex in world.examples("procedures", 40, 3) for qa in ex.qas]
+    transfer = cognitive_core.transfer_set(world, mixture, 60, 3, held_out=asked)
+    assert cognitive_core.transfer_set(world, mixture, 0, 3, held_out=asked) is mixture
+    assert len(transfer) == len(mixture) + 60 and all(r in transfer for r in mixture)
+    extra = [r for r in transfer if r not in mixture]
+    assert all(r["meta"]["kind"] == "procedures" for r in extra)
+    banned = {cognitive_core._operands(q) for q in asked}
+    assert not [r for r in extra if cognitive_core._operands(cognitive_core._question(r)) in banned]
+    # "2 plus 9" and "How much is 9 plus 2?" are the same question; a larger number is another one
+    assert cognitive_core._operands("What is 2 plus 9?") == cognitive_core._operands("How much is 9 plus 2?")
+    assert cognitive_core._operands("Which is bigger: 2 or 9?") != cognitive_core._operands("What is 2 plus 9?")
+    # a world whose every procedure question is an eval question has none to give
+    small = World(WorldConfig(n_seen=6, n_unseen=10, n_throwaway=10, n_values=5, seed=3, max_number=4))
+    everything = [qa.question for ex in small.examples("procedures", 2000, 3) for qa in ex.qas]
+    with pytest.raises(Exception, match="too few procedure questions"):
+        cognitive_core.transfer_set(small, mixture, 5, 3, held_out=everything)
 
 
 def _res(teacher, plain_kd, core, chance=1 / 10):
