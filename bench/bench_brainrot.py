@@ -5,8 +5,8 @@ same clean held-out episodes, same refresh config). For each: the gate's general
 (real-world probe accuracy, arithmetic answers, general loss, junk margin) against the junk
 share, and whether the gate published or blocked it, with its reasons.
 
-    flock /work/notes/heavy.lock python -m cogcore.bench.bench_brainrot            # smollm2-135m, CPU minutes
-    python -m cogcore.bench.bench_brainrot --quick --out /tmp/brainrot_quick.json    # tiny preset (~1 min)
+    python -m cogcore.bench.bench_brainrot            # smollm2-135m, CPU minutes
+    python -m cogcore.bench.bench_brainrot --quick --out OUT.json    # tiny preset (~1 min)
 
 The tiny preset first gets a short general pre-training (chat arithmetic plus other users' kind
 of service chat, never this user's), so forgetting and brain rot are measurable against it.

@@ -27,7 +27,7 @@ for 10,000 events of 100 users, and the junk gate's precision/recall on a plante
     request scored on its own, the action as the reply to it) on ``--model-score-episodes`` episodes
     per set: threshold = 99th percentile on a random half of the good ones, evaluated on the rest.
 
-    flock /work/notes/heavy.lock python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score]
+    python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score]
 """
 
 from __future__ import annotations

@@ -8,10 +8,12 @@
     weight sums) vs TRL ``SFTTrainer`` + PEFT on the same model, data and LoRA config
     (r16, alpha 32, all linear layers, 4 rows x 256 tokens, fp32, AdamW): cogcore as the
     single-user loop with PEFT, and as the grouped path with K=1. Median over steps after
-    warm-up.
+    warm-up; with --repeats, rounds of the three arms in a rotated order, and the median over
+    rounds of each round's ratio (a drift of the host's speed falls on all arms alike).
 
-    flock /work/notes/heavy.lock python -m cogcore.bench.bench_refresh          # smollm2-135m
-    python -m cogcore.bench.bench_refresh --quick --out /tmp/refresh_quick.json  # tiny preset smoke run
+    python -m cogcore.bench.bench_refresh                     # smollm2-135m, both parts
+    python -m cogcore.bench.bench_refresh --only b --repeats 3 --steps 4 --threads 1
+    python -m cogcore.bench.bench_refresh --quick --out OUT.json     # tiny preset smoke run
 """
 
 from __future__ import annotations
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-rows", type=int, default=2, help="(a) rows per user per step")
     ap.add_argument("--group-steps", type=int, default=3, help="(a) optimizer steps per adapter")
     ap.add_argument("--tokens-per-forward", type=int, default=2048, help="(a) grouped: tokens in one forward pass")
-    ap.add_argument("--repeats", type=int, default=1, help="(a) repeats of both arms (median)")
+    ap.add_argument("--repeats", type=int, default=1, help="repeats of every arm, interleaved (median): (a) rounds "
+                                                           "of both arms, (b) rounds of the three")
     ap.add_argument("--steps", type=int, default=6, help="(b) optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="(b) steps left out of the median")
     ap.add_argument("--batch", type=int, default=4)
@@ -273,30 +276,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "b"):
         started = machine()
         data = user_data(tok, 1, args.batch * (args.steps + 1), args.seq_len - 2)["user00"]
-        results = {}
-        for name, fn in [("trl_sft_peft", lambda o: run_trl(str(resolve(model_name)), tok, data, lora, base_cfg,
-                                                             args.seq_len, o)),
-                         ("cogcore_loop_peft", lambda o: run_cogcore_single(model, tok, data, lora, base_cfg,
-                                                                            args.seq_len, o)),
-                         ("cogcore_grouped_k1", lambda o: run_cogcore_grouped1(model, tok, data, lora, base_cfg,
-                                                                               args.seq_len, o))]:
-            print(f"== (b) {name}", flush=True)
-            r = fn(work / name)
-            steady = r["tokens_per_s_steps"][args.warmup:] or r["tokens_per_s_steps"]
-            r["median_tokens_per_s"] = statistics.median(steady)
-            results[name] = r
-            print(f"   median {r['median_tokens_per_s']:.1f} trained tokens/s", flush=True)
-        trl = results["trl_sft_peft"]["median_tokens_per_s"]
+        arms = [("trl_sft_peft", lambda o: run_trl(str(resolve(model_name)), tok, data, lora, base_cfg,
+                                                   args.seq_len, o)),
+                ("cogcore_loop_peft", lambda o: run_cogcore_single(model, tok, data, lora, base_cfg, args.seq_len, o)),
+                ("cogcore_grouped_k1", lambda o: run_cogcore_grouped1(model, tok, data, lora, base_cfg,
+                                                                      args.seq_len, o))]
+        # Rounds: every arm once per round, the order rotated each round, so a drift of the host's
+        # speed during the run falls on all arms alike; a round's ratios compare neighbours in time.
+        rounds = []
+        for rep in range(args.repeats):
+            order = arms[rep % len(arms):] + arms[:rep % len(arms)]
+            results = {}
+            for name, fn in order:
+                print(f"== (b) round {rep}: {name}", flush=True)
+                r = fn(work / f"{name}-{rep}")
+                steady = r["tokens_per_s_steps"][args.warmup:] or r["tokens_per_s_steps"]
+                r["median_tokens_per_s"] = statistics.median(steady)
+                results[name] = r
+                print(f"   median {r['median_tokens_per_s']:.1f} trained tokens/s", flush=True)
+            trl = results["trl_sft_peft"]["median_tokens_per_s"]
+            rounds.append({"order": [name for name, _ in order], "runs": results,
+                           "ratio_vs_trl": {k: v["median_tokens_per_s"] / trl for k, v in results.items()}})
+        names = [name for name, _ in arms]
         summary["single_vs_trl"] = stamp({
             "what": f"one user, r16 all linear, {args.batch} x {args.seq_len}, fp32: trained tokens/s (median of "
-                    f"steps {args.warmup + 1}..{args.steps})",
-            "median_tokens_per_s": {k: v["median_tokens_per_s"] for k, v in results.items()},
-            "ratio_vs_trl": {k: v["median_tokens_per_s"] / trl for k, v in results.items()}, "target": 1.5,
-            "runs": results}, started)
+                    f"steps {args.warmup + 1}..{args.steps}); {args.repeats} round(s), each arm once per round in a "
+                    "rotated order; the ratio is the median over rounds of the round's own ratio",
+            "median_tokens_per_s": {k: statistics.median(r["runs"][k]["median_tokens_per_s"] for r in rounds)
+                                    for k in names},
+            "ratio_vs_trl": {k: statistics.median(r["ratio_vs_trl"][k] for r in rounds) for k in names},
+            "ratio_vs_trl_per_round": {k: [round(r["ratio_vs_trl"][k], 3) for r in rounds] for k in names},
+            "target": 1.5, "rounds": rounds}, started)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
-    brief = {k: {kk: vv for kk, vv in v.items() if kk not in ("runs", "what", "settings")}
+    brief = {k: {kk: vv for kk, vv in v.items() if kk not in ("runs", "rounds", "what", "settings", "machine")}
              for k, v in summary.items() if k in ("grouped_vs_sequential", "single_vs_trl")}
     print(json.dumps(brief, indent=1))
     return 0

@@ -19,7 +19,7 @@ chat template), greedy, exactly `--new-tokens` tokens each (ignore_eos):
   nf4         the core loaded 4-bit (bitsandbytes CPU backend) with the adapters on top: model
               memory, greedy agreement with fp32 on the probe questions, probe accuracy, speed.
 
-    flock /work/notes/heavy.lock python bench/bench_serve.py [--requests 32] [--adapters 16]
+    python bench/bench_serve.py [--requests 32] [--adapters 16]
         [--new-tokens 32] [--repeats 3] [--load-seconds 60] [--parts throughput,switch,load,nf4]
         [--out bench/results/serve_cpu.json]
 """
