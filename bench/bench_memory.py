@@ -23,9 +23,13 @@ for 10,000 events of 100 users, and the junk gate's precision/recall on a plante
       * junk, held out: templates written after that, with the rules frozen (social filler, scams,
         phishing, stuffing, stutter, placeholders, test strings, bot boilerplate, ...), all with
         random emoji / punctuation / casing variation; no rule was changed after seeing them.
-    With ``--model-score`` the perplexity gate under ``--model`` is added as consolidation runs it (the
-    request scored on its own, the action as the reply to it) on ``--model-score-episodes`` episodes
-    per set: threshold = 99th percentile on a random half of the good ones, evaluated on the rest.
+    With ``--model-score`` the two model gates under ``--model`` are added as consolidation runs them,
+    on ``--model-score-episodes`` episodes per set: perplexity (the request scored on its own, the
+    action as the reply to it; threshold = 99th percentile on a random half of the good ones) and
+    relevance (how many nats per token the request adds to the action's likelihood, against a
+    neutral request; threshold = 1st percentile on the same half); both evaluated on the rest.
+    Relevance was added after the held-out misses had been read (fluent ads, channel intros, scam
+    lines that perplexity passes); it has one number fitted, its threshold, on good episodes only.
 
     python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score]
 """
@@ -377,38 +381,54 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
 
 
 def _model_score(sets, verdicts, model: str, per_set: int, rng: random.Random) -> dict:
-    """The perplexity gate as consolidation runs it (request on its own, action as the reply to it) on
-    ``per_set`` episodes of each set; threshold = 99th percentile on a random half of the good ones."""
-    from cogcore.memory.junk import PerplexityScorer, episode_perplexity
+    """The two model scores as consolidation runs them, on ``per_set`` episodes of each set:
+    perplexity (request on its own, action as the reply to it) and relevance (how much the request
+    makes the action likelier). Each threshold is calibrated on a random half of the good episodes
+    (the 99th percentile of perplexity, the 1st of relevance) and evaluated on the other half and on
+    all junk."""
+    from cogcore.memory.junk import PerplexityScorer, episode_perplexity, episode_relevance
     t = time.perf_counter()
     scorer = PerplexityScorer.load(model, batch_size=16)
     picked = {name: rng.sample(range(len(eps)), min(per_set, len(eps))) for name, eps in sets.items()}
     ppl = {name: [p for p, _ in episode_perplexity(scorer, [sets[name][i] for i in idx])] for name, idx in picked.items()}
-    seconds = time.perf_counter() - t
+    seconds_ppl = time.perf_counter() - t
+    t = time.perf_counter()
+    rel = {name: [r for r, _ in episode_relevance(scorer, [sets[name][i] for i in idx])] for name, idx in picked.items()}
+    seconds_rel = time.perf_counter() - t
     calib, evaluate = {}, {}
     for name in ("good_templates", "good_docstrings"):
         order = list(range(len(picked[name])))
         rng.shuffle(order)
         calib[name], evaluate[name] = order[: len(order) // 2], order[len(order) // 2:]
     calib_ppl = sorted(ppl[n][j] for n in calib for j in calib[n])
+    calib_rel = sorted(rel[n][j] for n in calib for j in calib[n])
     threshold = calib_ppl[int(0.99 * (len(calib_ppl) - 1))]
-    out = {"model": model, "threshold": round(threshold, 2), "scoring_seconds": round(seconds, 1),
+    min_relevance = calib_rel[int(0.01 * (len(calib_rel) - 1))]
+    out = {"model": model, "threshold": round(threshold, 2), "min_relevance": round(min_relevance, 3),
+           "scoring_seconds": round(seconds_ppl, 1), "relevance_seconds": round(seconds_rel, 1),
            "episodes_scored_per_set": per_set,
-           "calibration": "99th percentile of episode perplexity on a random half of each good set; the other half "
-                          "and all junk are evaluated"}
+           "calibration": "perplexity: 99th percentile, relevance: 1st percentile, each on a random half of each "
+                          "good set; the other half and all junk are evaluated"}
     for name in sets:
         positions = evaluate.get(name, range(len(picked[name])))
         heur = [bool(verdicts[name][picked[name][j]]) for j in positions]
         high = [ppl[name][j] > threshold for j in positions]
-        dropped = [h or m for h, m in zip(heur, high)]
+        low = [rel[name][j] < min_relevance for j in positions]
         key = "removed" if name.startswith("junk") else "kept"
-        share = sum(dropped) / len(dropped)
-        out[name] = {key: round(share if key == "removed" else 1 - share, 4),
-                     f"heuristics_alone_{key}": round(sum(heur) / len(heur) if key == "removed" else 1 - sum(heur) / len(heur), 4),
-                     "dropped_by_model_only": sum(m and not h for h, m in zip(heur, high)), "evaluated_on": len(dropped),
-                     "median_perplexity": round(statistics.median(ppl[name][j] for j in positions), 1)}
-        print(f"  + model score ({model}, ppl > {threshold:.0f})  {name:<16} {key} {out[name][key]:.3f} "
-              f"(heuristics alone on the same episodes {out[name][f'heuristics_alone_{key}']:.3f})", flush=True)
+
+        def share(dropped: list[bool], key: str = key) -> float:
+            frac = sum(dropped) / len(dropped)
+            return round(frac if key == "removed" else 1 - frac, 4)
+        out[name] = {key: share([h or m for h, m in zip(heur, high)]), f"heuristics_alone_{key}": share(heur),
+                     "dropped_by_model_only": sum(m and not h for h, m in zip(heur, high)), "evaluated_on": len(heur),
+                     "median_perplexity": round(statistics.median(ppl[name][j] for j in positions), 1),
+                     f"with_relevance_{key}": share([h or r for h, r in zip(heur, low)]),
+                     "dropped_by_relevance_only": sum(r and not h for h, r in zip(heur, low)),
+                     f"all_three_{key}": share([h or m or r for h, m, r in zip(heur, high, low)]),
+                     "median_relevance": round(statistics.median(rel[name][j] for j in positions), 3)}
+        print(f"  + model scores ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
+              f"+ perplexity {out[name][key]:.3f}, + relevance {out[name][f'with_relevance_{key}']:.3f}, "
+              f"all three {out[name][f'all_three_{key}']:.3f}", flush=True)
     return out
 
 
@@ -423,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="tokenizer for consolidation; model for --model-score")
     ap.add_argument("--good", type=int, default=500, help="good episodes per good set")
     ap.add_argument("--junk", type=int, default=500, help="junk episodes per junk set")
-    ap.add_argument("--model-score", action="store_true", help="also run the perplexity score (slow on CPU)")
+    ap.add_argument("--model-score", action="store_true", help="also run the model scores: perplexity and relevance "
+                                                                "(slow on CPU)")
     ap.add_argument("--model-score-episodes", type=int, default=100, help="episodes per set scored by the model")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "memory.json"))
+    ap.add_argument("--out", default="bench/results/memory.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cogcore-bench-memory-"))
     result = {"what": "experience log ingest vs plain JSONL append; consolidation time; junk gate on a planted mix",

@@ -47,6 +47,7 @@ from .junk import (
     Deduplicator,
     PerplexityScorer,
     episode_perplexity,
+    episode_relevance,
     judge_episode,
     junk_rule,
 )
@@ -73,6 +74,11 @@ class ConsolidateConfig:
     max_perplexity: float = field(0.0, help="drop an episode whose request (on its own) or an action (as the reply "
                                             "to the request) has a perplexity above this under `model` (0 = off: it "
                                             "loads and runs the model, slow on CPU)")
+    relevance: bool = field(False, help="drop an episode whose action the request does not make likelier under "
+                                        "`model` (relevance below min_relevance; loads and runs the model, slow on CPU)")
+    min_relevance: float = field(-0.44, help="nats per token the request must add to the action's likelihood; the "
+                                            "default keeps 99% of the good episodes of bench/bench_memory.py under the "
+                                            "embedded model (recalibrate for another model with --model-score)")
     near_duplicate_threshold: float = field(0.85, help="Jaccard similarity of character shingles above which two "
                                                        "episodes are near-duplicates (the later one is dropped)")
     shingle_chars: int = field(5, help="characters per shingle for near-duplicate detection")
@@ -420,6 +426,8 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
         report["junk"]["failed_actions_not_used"] = len(junk_steps)
         if cfg.max_perplexity > 0 and "perplexity" in cfg.junk_rules and kept:
             kept = _perplexity_gate(kept, cfg, report)
+        if cfg.relevance and "relevance" in cfg.junk_rules and kept:
+            kept = _relevance_gate(kept, cfg, report)
         report["junk"]["dropped"] = sum(r["count"] for r in report["junk"]["rules"].values())
 
         dedup = Deduplicator(cfg.near_duplicate_threshold, cfg.shingle_chars, cfg.num_perm)
@@ -534,6 +542,24 @@ def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) 
     for ep, (ppl, text) in zip(kept, worst):
         if ppl > cfg.max_perplexity:
             _count(report["junk"]["rules"]["perplexity"], f"{_clip(text, 140)} (perplexity {ppl:.1f})")
+        else:
+            out.append(ep)
+    return out
+
+
+def _relevance_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:
+    """Judged on the actions a policy would learn from (a rejected first action of a weak core may well
+    be off the point: the episode still teaches through the correction)."""
+    texts = []
+    for ep in kept:
+        o = outcome(ep, cfg.policy_without_outcome)
+        failed = set(o.failed) if o.right is not None else set()
+        texts.append([ep.context] + [s.action for i, s in enumerate(ep.steps) if i not in failed and s.action.strip()])
+    lowest = episode_relevance(_scorer(cfg.model), texts)
+    out = []
+    for ep, (score, text) in zip(kept, lowest):
+        if score < cfg.min_relevance:
+            _count(report["junk"]["rules"]["relevance"], f"{_clip(text, 140)} (relevance {score:+.2f})")
         else:
             out.append(ep)
     return out

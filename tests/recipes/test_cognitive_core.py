@@ -88,7 +88,7 @@ def test_pretrained_base_pipeline_on_a_tiny_preset_with_a_pruned_student(cli, tm
     # a rerun with other student settings is refused, not served the students of the first run
     refused = cli(*args, "transfer_procedures=4")
     assert refused.returncode != 0
-    assert "transfer_procedures 0 -> 4" in refused.stderr and "another --out" in refused.stderr
+    assert "transfer_procedures 2 -> 4" in refused.stderr and "another --out" in refused.stderr
     assert json.loads((out / "results.json").read_text())["core"] == res["core"]
 
 
@@ -185,7 +185,7 @@ def test_the_default_is_the_smollm2_experiment_and_configs_are_checked():
         load_config(ExperimentConfig, None, ["core.recall_masking=maybe"])
     with pytest.raises(ConfigError, match="teacher.eval_every does nothing here"):
         load_config(ExperimentConfig, None, ["teacher.eval_every=5"])
-    with pytest.raises(ConfigError, match="probes and curve_every"):
+    with pytest.raises(ConfigError, match="probes, curve_every and transfer_procedures"):
         load_config(ExperimentConfig, None, ["curve_every=-1"])
 
 
