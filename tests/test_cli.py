@@ -22,7 +22,7 @@ def test_help_lists_every_command(cli):
 
 
 def test_every_subcommand_has_help(cli):
-    for name, cmd in COMMANDS.items():
+    for name in COMMANDS:
         proc = cli(name, "--help")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip(), name

@@ -190,7 +190,7 @@ def test_grouped_refresh_run_is_named_by_its_data(fresh_home, demo_users, one_th
     (it must not resume, and reuse, the adapters trained on the set's own answers)."""
     from cogcore.lora.refresh import refresh_grouped
     tok = load_tokenizer("tiny-llama")
-    for i, u in enumerate(demo_users.users[:2]):
+    for u in demo_users.users[:2]:
         make_user_set(fresh_home, tok, u, 1, n_train=6, replay_share=0.5)
     common = ["model.source=tiny-llama", "lora.r=4", "train.max_steps=1", "train.save_every=1", "data.seq_len=128",
               "train.progress=false", "train.tensorboard=false", "gate.enabled=false"]
