@@ -37,6 +37,7 @@ for 10,000 events of 100 users, and the junk gate's precision/recall on a plante
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -380,6 +381,12 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
     return result
 
 
+def _share(dropped: list[bool], key: str) -> float:
+    """The share removed (a junk set) or kept (a good set), given which episodes were dropped."""
+    frac = sum(dropped) / len(dropped)
+    return round(frac if key == "removed" else 1 - frac, 4)
+
+
 def _model_score(sets, verdicts, model: str, per_set: int, rng: random.Random) -> dict:
     """The two model scores as consolidation runs them, on ``per_set`` episodes of each set:
     perplexity (request on its own, action as the reply to it) and relevance (how much the request
@@ -415,10 +422,7 @@ def _model_score(sets, verdicts, model: str, per_set: int, rng: random.Random) -
         high = [ppl[name][j] > threshold for j in positions]
         low = [rel[name][j] < min_relevance for j in positions]
         key = "removed" if name.startswith("junk") else "kept"
-
-        def share(dropped: list[bool], key: str = key) -> float:
-            frac = sum(dropped) / len(dropped)
-            return round(frac if key == "removed" else 1 - frac, 4)
+        share = functools.partial(_share, key=key)
         out[name] = {key: share([h or m for h, m in zip(heur, high)]), f"heuristics_alone_{key}": share(heur),
                      "dropped_by_model_only": sum(m and not h for h, m in zip(heur, high)), "evaluated_on": len(heur),
                      "median_perplexity": round(statistics.median(ppl[name][j] for j in positions), 1),

@@ -297,7 +297,7 @@ PHASE_FILE = "phase.json"   # what a finished phase was made with, beside its mo
 def _phase_settings(cfg: ExperimentConfig, phase: str, tcfg: TrainConfig) -> dict:
     """The settings that decide a phase's model (flat keys): a rerun into the same --out reuses a
     finished phase only when they are the same."""
-    from ..train.checkpoint import resume_config
+    from ..train.checkpoint import MAY_CHANGE_ON_RESUME, resume_config
     settings: dict = {"base": cfg.base, "world": asdict(cfg.world), "mixture": asdict(cfg.mixture),
                       "seq_len": cfg.seq_len}
     if cfg.base == SCRATCH:
@@ -312,12 +312,8 @@ def _phase_settings(cfg: ExperimentConfig, phase: str, tcfg: TrainConfig) -> dic
     if phase == "core":
         settings.update(core=asdict(cfg.core), core_knowledge_share=cfg.core_knowledge_share)
     flat = resume_config(asdict(tcfg), settings)
-    return {k: v for k, v in flat.items() if k not in _NOT_RESULT}
-
-
-# keys that do not change a finished phase's model (max_steps does, unlike on resume)
-_NOT_RESULT = frozenset({"train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
-                         "train.progress", "train.tensorboard", "train.resume"})
+    # what may change on resume does not change a finished model, except the number of steps
+    return {k: v for k, v in flat.items() if k not in MAY_CHANGE_ON_RESUME or k == "train.max_steps"}
 
 
 def _done(phase_dir: Path, settings: dict) -> bool:
@@ -547,9 +543,9 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> dict:
     # 2./3. students from the same init, the same steps and rows: plain KD on the full mixture,
     # core through knowledge shedding; both on the same transfer set (the mixture, plus extra procedures)
     student = _student_init(cfg, base, seed_dir)
-    asked = [qa.question for n, s in ((cfg.eval_n, seed), (cfg.curve_n, 10_000 + seed))
-             for ex in world.examples("procedures", n, s) for qa in ex.qas]
-    transfer = transfer_set(world, mixture, cfg.transfer_procedures, seed, held_out=asked)
+    eval_questions = [qa.question for n, s in ((cfg.eval_n, seed), (cfg.curve_n, 10_000 + seed))
+                      for ex in world.examples("procedures", n, s) for qa in ex.qas]
+    transfer = transfer_set(world, mixture, cfg.transfer_procedures, seed, held_out=eval_questions)
     student_docs = {
         "plain_kd": lambda: documents(transfer, tok),
         "core": lambda: shed_documents(core_records(transfer, cfg.core_knowledge_share, seed), tok,

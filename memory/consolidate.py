@@ -403,6 +403,7 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
 
         # 2. drop incomplete, junk and duplicate episodes
         kept, junk_steps = [], set()
+        judged: dict[str, list[str]] = {}   # per kept episode: the request and the actions judged above
         for ep in _bar(episodes, f"{user}: junk gate", cfg.progress):
             if not ep.context or not ep.steps:
                 _count(report["incomplete"], ep.episode_id)
@@ -422,12 +423,13 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
             for i in failed:
                 if junk_rule(ep.steps[i].action, rules) or not ep.steps[i].action.strip():
                     junk_steps.add((ep.episode_id, i))
+            judged[ep.episode_id] = kept_texts
             kept.append(ep)
         report["junk"]["failed_actions_not_used"] = len(junk_steps)
         if cfg.max_perplexity > 0 and "perplexity" in cfg.junk_rules and kept:
             kept = _perplexity_gate(kept, cfg, report)
         if cfg.relevance and "relevance" in cfg.junk_rules and kept:
-            kept = _relevance_gate(kept, cfg, report)
+            kept = _relevance_gate(kept, judged, cfg, report)
         report["junk"]["dropped"] = sum(r["count"] for r in report["junk"]["rules"].values())
 
         dedup = Deduplicator(cfg.near_duplicate_threshold, cfg.shingle_chars, cfg.num_perm)
@@ -547,14 +549,12 @@ def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) 
     return out
 
 
-def _relevance_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:
-    """Judged on the actions a policy would learn from (a rejected first action of a weak core may well
-    be off the point: the episode still teaches through the correction)."""
-    texts = []
-    for ep in kept:
-        o = outcome(ep, cfg.policy_without_outcome)
-        failed = set(o.failed) if o.right is not None else set()
-        texts.append([ep.context] + [s.action for i, s in enumerate(ep.steps) if i not in failed and s.action.strip()])
+def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
+                    report: dict) -> list[Episode]:
+    """Judged on what the rules judged: the request and the actions a policy would learn from (a
+    rejected first action of a weak core may well be off the point: the episode still teaches
+    through the correction)."""
+    texts = [[judged[ep.episode_id][0]] + [t for t in judged[ep.episode_id][1:] if t.strip()] for ep in kept]
     lowest = episode_relevance(_scorer(cfg.model), texts)
     out = []
     for ep, (score, text) in zip(kept, lowest):
