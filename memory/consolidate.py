@@ -539,7 +539,7 @@ def _episode_text(ep: Episode) -> str:
 
 
 def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:
-    worst = episode_perplexity(_scorer(cfg.model), [ep.texts() for ep in kept])
+    worst = episode_perplexity(_scorer(cfg.model), [ep.texts() for ep in kept], progress=cfg.progress)
     out = []
     for ep, (ppl, text) in zip(kept, worst):
         if ppl > cfg.max_perplexity:
@@ -555,7 +555,7 @@ def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Cons
     rejected first action of a weak core may well be off the point: the episode still teaches
     through the correction)."""
     texts = [[judged[ep.episode_id][0]] + [t for t in judged[ep.episode_id][1:] if t.strip()] for ep in kept]
-    lowest = episode_relevance(_scorer(cfg.model), texts)
+    lowest = episode_relevance(_scorer(cfg.model), texts, progress=cfg.progress)
     out = []
     for ep, (score, text) in zip(kept, lowest):
         if score < cfg.min_relevance:

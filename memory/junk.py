@@ -195,7 +195,8 @@ class PerplexityScorer:
         from ..train.model import load_model, load_tokenizer
         return cls(load_model(source), load_tokenizer(source), batch_size)
 
-    def __call__(self, texts: list[str], prompts: list[str] | None = None) -> list[float]:
+    def __call__(self, texts: list[str], prompts: list[str] | None = None, progress: str = "") -> list[float]:
+        """``progress``: a label for a progress bar over the texts (none when empty)."""
         import torch
         start = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         encode = lambda t: self.tok(t, add_special_tokens=False).input_ids   # noqa: E731
@@ -208,6 +209,10 @@ class PerplexityScorer:
         out = [math.inf] * len(seqs)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc=progress, unit="text", leave=False)
         with torch.inference_mode():
             for b in range(0, len(order), self.batch_size):
                 idx = order[b: b + self.batch_size]
@@ -227,10 +232,15 @@ class PerplexityScorer:
                 mean = (nll * m).sum(1) / m.sum(1).clamp(min=1)
                 for r, i in enumerate(idx):
                     out[i] = float(torch.exp(mean[r]).cpu())
+                if bar is not None:
+                    bar.update(len(idx))
+        if bar is not None:
+            bar.close()
         return out
 
 
-def episode_perplexity(scorer: PerplexityScorer, episodes: list[list[str]]) -> list[tuple[float, str]]:
+def episode_perplexity(scorer: PerplexityScorer, episodes: list[list[str]], progress: bool = False
+                       ) -> list[tuple[float, str]]:
     """For each episode given as [request, action, ...]: the highest perplexity among the request (scored
     on its own) and the actions (each scored as the assistant's reply to the request), and that text."""
     from .formats import policy_messages, render_prompt
@@ -247,9 +257,11 @@ def episode_perplexity(scorer: PerplexityScorer, episodes: list[list[str]]) -> l
     alone = [i for i, p in enumerate(prompts) if p is None]
     as_reply = [i for i, p in enumerate(prompts) if p is not None]
     scores = [0.0] * len(texts)
-    for i, v in zip(alone, scorer([texts[i] for i in alone])):
+    label = "perplexity: {}" if progress else ""
+    for i, v in zip(alone, scorer([texts[i] for i in alone], progress=label.format("requests"))):
         scores[i] = v
-    for i, v in zip(as_reply, scorer([texts[i] for i in as_reply], [prompts[i] for i in as_reply])):
+    for i, v in zip(as_reply, scorer([texts[i] for i in as_reply], [prompts[i] for i in as_reply],
+                                     progress=label.format("actions"))):
         scores[i] = v
     worst: list[tuple[float, str]] = [(-1.0, "")] * len(episodes)
     for i, k in enumerate(owner):
@@ -260,7 +272,8 @@ def episode_perplexity(scorer: PerplexityScorer, episodes: list[list[str]]) -> l
 NEUTRAL_REQUEST = "Say something."   # a request that asks for nothing in particular: the baseline of relevance
 
 
-def episode_relevance(scorer: PerplexityScorer, episodes: list[list[str]]) -> list[tuple[float, str]]:
+def episode_relevance(scorer: PerplexityScorer, episodes: list[list[str]], progress: bool = False
+                      ) -> list[tuple[float, str]]:
     """For each episode given as [request, action, ...]: the lowest relevance among its actions, and
     that action ((inf, "") when it has none).
 
@@ -281,8 +294,9 @@ def episode_relevance(scorer: PerplexityScorer, episodes: list[list[str]]) -> li
     lowest: list[tuple[float, str]] = [(math.inf, "")] * len(episodes)
     if not actions:
         return lowest
-    as_reply = scorer(actions, prompts)
-    after_neutral = scorer(actions, [neutral] * len(actions))
+    label = "relevance: {}" if progress else ""
+    as_reply = scorer(actions, prompts, progress=label.format("actions after their request"))
+    after_neutral = scorer(actions, [neutral] * len(actions), progress=label.format("actions after a neutral request"))
     for k, action, a, b in zip(owner, actions, as_reply, after_neutral):
         lowest[k] = min(lowest[k], (math.log(b) - math.log(a), action))
     return lowest
