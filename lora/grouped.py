@@ -45,7 +45,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..kernels import DEFAULT_TARGETS, MultiLoRALinear, apply_multi_lora, linear_cross_entropy
+from ..kernels import (
+    DEFAULT_TARGETS,
+    MultiLoRALinear,
+    TeacherDense,
+    apply_multi_lora,
+    linear_cross_entropy,
+    linear_distill_loss,
+)
 from ..train import checkpoint
 from ..train.config import CogcoreError
 from ..train.data import BatchPlan, PackedRows, make_batch, pack, tokenize_record
@@ -100,17 +107,85 @@ def pack_user_rows(tokenizer, records: Sequence[dict], seq_len: int, user: str =
 
     A single-user run that packs with this function draws the same rows as the grouped run.
     """
-    docs = [tokenize_record(r, tokenizer, train_on, where=f"user {user} record {i}") for i, r in enumerate(records)]
-    docs = [d for d in docs if len(d.input_ids) >= 2 and sum(d.weights) > 0]
-    if not docs:
+    return pack_user_rows_kl(tokenizer, records, seq_len, user, train_on, packing)[0]
+
+
+def pack_user_rows_kl(tokenizer, records: Sequence[dict], seq_len: int, user: str = "user",
+                      train_on: str = "completion", packing: bool = True,
+                      kl_target: str | None = None) -> tuple[PackedRows, Tensor]:
+    """Like :func:`pack_user_rows`, plus an (N,) bool per row: True for the rows that hold the
+    records whose ``target`` is ``kl_target`` (e.g. "replay"). Those records are packed into
+    rows of their own, after the others, so a whole row is trained one way: cross-entropy on its
+    answers, or KL to the base's next-token distribution there (:func:`replay_kl_sum`).
+    ``kl_target=None`` packs everything together (all False), exactly as before."""
+    docs, kl_docs = [], []
+    for i, r in enumerate(records):
+        d = tokenize_record(r, tokenizer, train_on, where=f"user {user} record {i}")
+        if len(d.input_ids) >= 2 and sum(d.weights) > 0:
+            (kl_docs if kl_target is not None and r.get("target") == kl_target else docs).append(d)
+    if not docs and not kl_docs:
         raise CogcoreError(f"user {user}: none of its {len(records)} records has a token to train on; "
                            "leave the user out of this refresh or add data")
-    rows = pack(docs, seq_len, tokenizer.pad_token_id, packing)
+    parts = [(pack(group, seq_len, tokenizer.pad_token_id, packing), flag)
+             for group, flag in ((docs, False), (kl_docs, True)) if group]
+    kl = torch.cat([torch.full((len(rows),), flag) for rows, flag in parts])
+    rows = _cat_rows([rows for rows, _ in parts])
     keep = (rows.target_weights > 0).any(dim=1)  # a row split off a long prompt may train nothing
     if bool(keep.all()):
-        return rows
+        return rows, kl
     return PackedRows(rows.input_ids[keep], rows.position_ids[keep], rows.doc_ids[keep], rows.target_ids[keep],
-                      rows.target_weights[keep], rows.padding_fraction)
+                      rows.target_weights[keep], rows.padding_fraction), kl[keep]
+
+
+def _cat_rows(parts: list[PackedRows]) -> PackedRows:
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(len(p) for p in parts)
+    return PackedRows(*(torch.cat([getattr(p, k) for p in parts]) for k in
+                        ("input_ids", "position_ids", "doc_ids", "target_ids", "target_weights")),
+                      sum(p.padding_fraction * len(p) for p in parts) / n)
+
+
+def replay_kl_sum(hidden: Tensor, base_hidden: Tensor, weight: Tensor, target_weights: Tensor,
+                  chunk_size: int = 1024) -> Tensor:
+    """sum_i w_i * KL(base_i || adapter_i) over the tokens with w_i > 0: the adapter's next-token
+    distribution held to the base's whole distribution there (not only to its top answer).
+    ``hidden`` / ``base_hidden`` (N, H) final hidden states with and without the adapter."""
+    w = target_weights.reshape(-1)
+    keep = w > 0
+    if not bool(keep.any()):
+        return hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()
+    H = hidden.shape[-1]
+    teacher = TeacherDense(base_hidden.reshape(-1, H)[keep], weight)
+    return linear_distill_loss(hidden.reshape(-1, H)[keep], weight, teacher, w[keep], loss="forward_kl",
+                               chunk_size=chunk_size)
+
+
+def causal_ce_sum(hidden: Tensor, weight: Tensor, target_ids: Tensor, target_weights: Tensor,
+                  chunk_size: int = 1024) -> Tensor:
+    """sum_i w_i * CE_i over the tokens with w_i > 0 (zero, with a graph, when there are none)."""
+    w = target_weights.reshape(-1)
+    keep = w > 0
+    if not bool(keep.any()):
+        return hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()
+    H = hidden.shape[-1]
+    return linear_cross_entropy(hidden.reshape(-1, H)[keep], weight, target_ids.reshape(-1)[keep], w[keep],
+                                chunk_size=chunk_size)
+
+
+def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_row: Tensor | None, weight: Tensor,
+                  batch: dict, rows: slice = slice(None), chunk_size: int = 1024) -> Tensor:
+    """The loss of ``rows`` of a batch: cross-entropy on ordinary rows, :func:`replay_kl_sum` on
+    the rows flagged in ``kl_row`` (``base_hidden`` holds the base's hidden states of the flagged
+    rows of the whole batch, in order)."""
+    h, tid, tw = hidden[rows], batch["target_ids"][rows], batch["target_weights"][rows]
+    if kl_row is None or not bool(kl_row.any()):
+        return causal_ce_sum(h, weight, tid, tw, chunk_size)
+    flag = kl_row[rows]
+    where = torch.cumsum(kl_row.long(), 0) - 1  # row of the batch -> its row in base_hidden
+    base = base_hidden[where[rows][flag]]
+    return (causal_ce_sum(h[~flag], weight, tid[~flag], tw[~flag], chunk_size)
+            + replay_kl_sum(h[flag], base, weight, tw[flag], chunk_size))
 
 
 class _Schedule:
@@ -121,8 +196,10 @@ class _Schedule:
     """
 
     def __init__(self, users: list[str], rows: dict[str, PackedRows], slot_of: dict[str, int], cfg: TrainConfig,
-                 seed: int, seq_len: int, tokens_per_forward: int, device: torch.device):
+                 seed: int, seq_len: int, tokens_per_forward: int, device: torch.device,
+                 kl_rows: dict[str, Tensor] | None = None):
         self.users, self.rows, self.slot_of, self.device = users, rows, slot_of, device
+        self.kl_rows = kl_rows  # per user, (N,) bool: rows trained by KL to the base (None: none are)
         self.plans = {u: BatchPlan(len(rows[u]), cfg.micro_batch, cfg.grad_accum, 1, seed) for u in users}
         per = max(1, tokens_per_forward // (cfg.micro_batch * seq_len))  # users per forward pass
         self.chunks = [users[i:i + per] for i in range(0, len(users), per)]
@@ -145,6 +222,8 @@ class _Schedule:
             # u's weight over the whole step (all its micro-batches): each user sums to 1
             b["target_weights"] = b["target_weights"] / self.rows[u].target_weights[torch.cat(step_idx)].sum()
             b["adapter_index"] = torch.full((len(idx),), self.slot_of[u], dtype=torch.long)
+            if self.kl_rows is not None:
+                b["kl_row"] = self.kl_rows[u][idx]
             parts.append(b)
             spans.append((u, start, start + len(idx)))
             start += len(idx)
@@ -170,6 +249,11 @@ class GroupedLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, batch: dict) -> dict:
+        kl_row = batch.get("kl_row")
+        base_hidden = None
+        if kl_row is not None and bool(kl_row.any()):  # the base's view of the KL rows: no adapter, no grad
+            with torch.no_grad():
+                base_hidden = decoder_hidden(self.model, {k: batch[k][kl_row] for k in ("input_ids", "position_ids")})
         self.patch.set_adapter_index(batch["adapter_index"])  # one adapter per row (sequence)
         try:
             hidden = decoder_hidden(self.model, batch)  # (B, T, H)
@@ -178,11 +262,8 @@ class GroupedLoss(nn.Module):
         W = output_weight(self.model)
         out: dict[str, Tensor] = {}
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for user, s, e in batch["user_spans"]:  # per user: the same tokens its single run's CE sees
-            w = batch["target_weights"][s:e].reshape(-1)
-            keep = w > 0
-            lu = linear_cross_entropy(hidden[s:e].reshape(-1, hidden.shape[-1])[keep], W,
-                                      batch["target_ids"][s:e].reshape(-1)[keep], w[keep], chunk_size=self.chunk_size)
+        for user, s, e in batch["user_spans"]:  # per user: the same tokens its single run's loss sees
+            lu = rows_loss_sum(hidden, base_hidden, kl_row, W, batch, slice(s, e), self.chunk_size)
             loss_sum = loss_sum + lu
             out[f"loss/{user}"] = lu.detach() * self.n_users
         out["loss_sum"] = loss_sum
@@ -292,6 +373,7 @@ def train_adapters_grouped(
     tokens_per_forward: int = 2048,
     packing: bool = True,
     train_on: str = "completion",
+    kl_target: str | None = None,
     stop_after: int | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Train one LoRA adapter per user in one pass over the frozen ``model``; returns
@@ -305,7 +387,10 @@ def train_adapters_grouped(
     (PEFT layout: warm start); other users start fresh (:func:`initial_adapter_weights`).
     ``tokens_per_forward`` caps one forward pass (whole users' ``micro_batch`` x ``seq_len``
     slices, at least one user): activation memory grows with it, and on a CPU a bigger pass
-    is not faster (the base is compute-bound); raise it on a GPU. The step still covers every user. Resumes from ``run_dir`` like every recipe.
+    is not faster (the base is compute-bound); raise it on a GPU. The step still covers every user.
+    ``kl_target`` (e.g. "replay"): the records with that ``target`` are trained by KL to the
+    base's own next-token distribution on their answer tokens instead of cross-entropy (their rows
+    go through the base once more, without grad). Resumes from ``run_dir`` like every recipe.
     The model is restored as it came (original layers, requires_grad flags) on return.
     """
     lora = LoraShape.of(lora)
@@ -323,9 +408,11 @@ def train_adapters_grouped(
     local = DistInfo(rank=0, world_size=1, local_rank=di.local_rank, strategy="single", device=di.device)
     _check_resume(run_dir, train_cfg, mine)
 
-    rows = {u: pack_user_rows(tokenizer, user_records[u], seq_len, u, train_on, packing) for u in mine}
+    packed = {u: pack_user_rows_kl(tokenizer, user_records[u], seq_len, u, train_on, packing, kl_target) for u in mine}
+    rows = {u: packed[u][0] for u in mine}
     slot_of = {u: i for i, u in enumerate(mine)}
-    sched = _Schedule(mine, rows, slot_of, train_cfg, seed, seq_len, tokens_per_forward, di.device)
+    sched = _Schedule(mine, rows, slot_of, train_cfg, seed, seq_len, tokens_per_forward, di.device,
+                      {u: packed[u][1] for u in mine} if kl_target else None)
 
     starts = {u: (init or {}).get(u) or initial_adapter_weights(model, lora, u, seed) for u in mine}
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -343,7 +430,7 @@ def train_adapters_grouped(
         result = train(GroupedLoss(model, patch, len(users)), sched.placeholders(), loop_cfg, run_dir, local,
                        prepare_batch=sched.batch, base_hash=getattr(model, "base_hash", None),
                        run_config={"grouped": {"users": mine, "lora": asdict(lora), "seq_len": seq_len,
-                                               "packing": packing, "train_on": train_on,
+                                               "packing": packing, "train_on": train_on, "kl_target": kl_target,
                                                # the per-user values the loop's own config no longer shows
                                                "micro_batch": train_cfg.micro_batch,
                                                "grad_accum": train_cfg.grad_accum,
@@ -393,6 +480,9 @@ __all__ = [
     "adapter_state_dict",
     "initial_adapter_weights",
     "pack_user_rows",
+    "pack_user_rows_kl",
+    "replay_kl_sum",
+    "rows_loss_sum",
     "target_layers",
     "train_adapters_grouped",
 ]

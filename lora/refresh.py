@@ -25,17 +25,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
 from cogcore.memory.consolidate import ConsolidatedSet, latest_set, load_set
 from cogcore.train.config import CogcoreError, ConfigError, describe, field, load_config, save_config
 from cogcore.train.distributed import DistInfo, barrier, broadcast_object, setup
-from cogcore.train.lm import CausalLMLoss
+from cogcore.train.lm import decoder_hidden, output_weight
 from cogcore.train.loop import TrainConfig, TrainResult, print_summary, train
 from cogcore.train.model import ModelSpec, base_hash, load_model, load_tokenizer, resolve
 from cogcore.train.workspace import get_workspace
 
 from .gate import GateConfig, gate, gate_table, heldout_records, other_users_heldout
-from .grouped import pack_user_rows, train_adapters_grouped
+from .grouped import pack_user_rows_kl, rows_loss_sum, train_adapters_grouped
 from .registry import AdapterArtifact, AdapterRegistry, check_user
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,6 +76,10 @@ class RefreshData:
                                                    "('base': self-distillation, so the adapter keeps answering general "
                                                    "prompts the way the core does)")
     replay_max_new_tokens: int = field(64, help="longest base reply generated per replay prompt (replay_answers=base)")
+    replay_loss: Literal["ce", "kl"] = field("ce", help="how replay rows train: cross-entropy on their answers ('ce'), "
+                                             "or KL from the base's own next-token distribution on those answer "
+                                             "tokens ('kl': the adapter is held to all the core would say there, not "
+                                             "only its top answer; the base runs once more on those rows, no grad)")
 
     def __post_init__(self):
         if self.seq_len < 8:
@@ -130,6 +135,32 @@ class RefreshResult:
 
 
 # ----------------------------------------------------------------------------- steps shared with --all-due
+
+def _kl_target(data: RefreshData) -> str | None:
+    return "replay" if data.replay_loss == "kl" else None
+
+
+class AdapterLoss(nn.Module):
+    """The refresh objective on a PEFT model: weighted cross-entropy, except on the rows flagged
+    ``kl_row`` (replay, with ``data.replay_loss=kl``), where the adapter's next-token distribution
+    is pulled to the base's (the same model with its adapter disabled)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: dict) -> dict:
+        kl_row = batch.get("kl_row")
+        base_hidden = None
+        if kl_row is not None and bool(kl_row.any()):
+            with torch.no_grad(), self.model.disable_adapter():
+                base_hidden = decoder_hidden(self.model, {k: batch[k][kl_row] for k in ("input_ids", "position_ids")})
+        hidden = decoder_hidden(self.model, batch)
+        loss_sum = rows_loss_sum(hidden, base_hidden, kl_row, output_weight(self.model), batch,
+                                 chunk_size=self.chunk_size)
+        return {"loss_sum": loss_sum, "weight": batch["target_weights"].sum()}
+
 
 def find_set(user: str, version: int = 0) -> ConsolidatedSet:
     """The user's consolidated set ``version`` (0 = the latest), or a CogcoreError saying what to run."""
@@ -328,7 +359,8 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         else:
             model = add_lora(model, cfg.lora)
 
-        rows = pack_user_rows(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing)
+        rows, kl_rows = pack_user_rows_kl(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing,
+                                          kl_target=_kl_target(cfg.data))
         train_cfg = cfg.train
         if len(rows) < train_cfg.micro_batch * train_cfg.grad_accum * di.world_size:
             # a user with little experience: smaller batches rather than no refresh at all
@@ -341,8 +373,9 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
 
         # the gate's settings and the lock wait do not change the weights: a rerun with other ones resumes
         trained_by = {k: v for k, v in asdict(cfg).items() if k not in ("gate", "lock_timeout", "out")}
-        result = train(CausalLMLoss(model), rows, train_cfg, run_dir, di, base_hash=base,
-                       run_config=trained_by, stop_after=stop_after)
+        result = train(AdapterLoss(model), rows, train_cfg, run_dir, di, base_hash=base,
+                       run_config=trained_by, stop_after=stop_after,
+                       prepare_batch=lambda b, _step: {**b, "kl_row": kl_rows.to(b["row_index"].device)[b["row_index"]]})
         if result.steps < train_cfg.max_steps:
             return RefreshResult(user, cset.version, str(run_dir), None, None, None, ["stopped early"], result)
 
@@ -453,13 +486,14 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
         records = answered_replay(model, tokenizer, records, cfg.data, di)
         # the run directory is named by what is trained: other data (scales, replay answers) is another run
         tag = "-".join(f"{u}{sets[u].version}" for u in sorted(sets))
-        tag += json.dumps(records, sort_keys=True, default=str)
+        tag += json.dumps(records, sort_keys=True, default=str) + cfg.data.replay_loss
         group_dir = get_workspace().runs / f"refresh-grouped-{hashlib.sha256(tag.encode()).hexdigest()[:10]}"
         if di.is_main:
             print(f"refresh: {len(sets)} users in one pass ({', '.join(sorted(sets))}); base {base[:12]}; "
                   f"run {group_dir}", flush=True)
         weights = train_adapters_grouped(model, tokenizer, records, cfg.lora, cfg.train, group_dir, di,
-                                         seq_len=cfg.data.seq_len, packing=cfg.data.packing, init=init or None)
+                                         seq_len=cfg.data.seq_len, packing=cfg.data.packing, init=init or None,
+                                         kl_target=_kl_target(cfg.data))
 
         # gate and publish each user's adapter, on a fresh copy of the base, one adapter at a time
         if di.is_main:
