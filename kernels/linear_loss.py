@@ -499,6 +499,15 @@ def _chunk_loss_and_grad(
     return None, (dz if grad is None else dz.add_(grad))
 
 
+def _scaled_chunk_grad(ws: _Workspace, ds: Tensor, w: Tensor, grad_out, weight: Tensor) -> Tensor:
+    """d loss_i / d s_i (c, V) times each row's weight and the upstream gradient, in place,
+    then in ``weight``'s dtype (via the low-precision buffer) for the matmuls that follow."""
+    ds = ds.mul_((w.to(ds.dtype) * grad_out).unsqueeze(1))
+    if ds.dtype != weight.dtype:
+        ds = ws.buf("lowp", ds.shape[0], weight.dtype).copy_(ds)
+    return ds
+
+
 def _row_chunks(rows: Tensor, n: int, chunk_size: int) -> list:
     """Chunks of the rows that count: slices when all n count (no gather), else index tensors."""
     if rows.numel() == n:
@@ -507,7 +516,13 @@ def _row_chunks(rows: Tensor, n: int, chunk_size: int) -> list:
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
-    """sum_i w_i * loss_i over chunks of rows; saves only its inputs, recomputes in backward."""
+    """sum_i w_i * loss_i over chunks of rows; saves only its inputs, recomputes in backward.
+
+    One exception: cross-entropy alone with a frozen ``weight`` (a LoRA or any frozen lm_head)
+    whose ``hidden`` needs a gradient. There the chunk's softmax already holds the gradient, so
+    forward computes d loss / d hidden as it goes and saves that (N, H) instead; backward only
+    scales it. That skips the recomputed chunk logits, a third of the lm_head's matmuls.
+    """
 
     @staticmethod
     def forward(
@@ -521,17 +536,31 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             _upcast(hidden[:0]).dtype,
             hidden.device,
         )
+        grad_now = (spec.loss is None and spec.chunk_math != "triton"
+                    and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1])
+        grad_h = torch.zeros_like(hidden) if grad_now else None
         total = _upcast(hidden.new_zeros(()))
         for r in _row_chunks(rows, weights.shape[0], spec.chunk_size):
             tgt = targets[r] if targets is not None else None
-            loss_rows, _ = _chunk_loss_and_grad(spec, ws, hidden[r], weight, teacher, r, tgt, want_grad=False)
+            if grad_now:
+                loss_rows, ds = _cross_entropy_part(spec, ws, ws.logits("S", hidden[r], weight), tgt, want_grad=True)
+                grad_h[r] = (_scaled_chunk_grad(ws, ds, weights[r], 1.0, weight) @ weight).to(hidden.dtype)
+            else:
+                loss_rows, _ = _chunk_loss_and_grad(spec, ws, hidden[r], weight, teacher, r, tgt, want_grad=False)
             total += (loss_rows * weights[r].to(loss_rows.dtype)).sum()
         ctx.spec = spec
-        ctx.save_for_backward(hidden, weight, t_hidden, t_weight, t_ids, t_logprobs, targets, weights, rows)
+        if grad_now:
+            ctx.save_for_backward(grad_h)
+        else:
+            ctx.save_for_backward(hidden, weight, t_hidden, t_weight, t_ids, t_logprobs, targets, weights, rows)
+        ctx.grad_now = grad_now
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.grad_now:  # d loss / d hidden was made in forward (frozen weight, cross-entropy only)
+            grad_h, = ctx.saved_tensors
+            return (grad_h * grad_out.to(grad_h.dtype),) + (None,) * 8
         hidden, weight, t_hidden, t_weight, t_ids, t_logprobs, targets, weights, rows = ctx.saved_tensors
         spec = ctx.spec
         teacher = _TeacherInputs(t_hidden, t_weight, t_ids, t_logprobs)
@@ -549,9 +578,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             tgt = targets[r] if targets is not None else None
             # the chunk's logits are recomputed in there: (c, V) never outlives its chunk
             _, ds = _chunk_loss_and_grad(spec, ws, h, weight, teacher, r, tgt, want_grad=True)
-            ds = ds.mul_((weights[r].to(ds.dtype) * grad_out).unsqueeze(1))
-            if ds.dtype != weight.dtype:
-                ds = ws.buf("lowp", ds.shape[0], weight.dtype).copy_(ds)
+            ds = _scaled_chunk_grad(ws, ds, weights[r], grad_out, weight)
             if need_h:
                 grad_h[r] = (ds @ weight).to(hidden.dtype)
             if need_w:

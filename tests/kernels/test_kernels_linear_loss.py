@@ -94,6 +94,33 @@ def test_linear_cross_entropy(dtype, assert_close):
     assert_close(got["reference"][0], (per_token * weights).sum(), dtype, "vs F.cross_entropy")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_cross_entropy_frozen_weight(dtype, assert_close):
+    """A frozen lm_head (LoRA): the chunked path makes d loss / d hidden in forward and only
+    scales it in backward; it must equal the reference, under an upstream factor, and in
+    float64 pass gradcheck."""
+    hidden, weight, _, _, weights, targets, _, _ = make_batch(dtype, seed=5)
+    weight = weight.detach()
+    got = {}
+    for impl in ("reference", "chunked"):
+        hidden.grad = None
+        loss = linear_cross_entropy(hidden, weight, targets, weights, chunk_size=CHUNK, impl=impl)
+        (3.0 * loss).backward()  # an upstream gradient other than 1
+        got[impl] = (loss.detach(), hidden.grad.clone())
+    for name, a, b in zip(("loss", "d hidden"), got["chunked"], got["reference"]):
+        assert_close(a, b, dtype, f"frozen-weight CE {name}")
+    assert float(got["chunked"][1].abs().sum()) > 0
+    assert torch.count_nonzero(got["chunked"][1][::4]) == 0, "rows of weight 0 get no gradient"
+    # the gradient made in forward is what backward returns: nothing else is kept
+    h64, w64, *_ = make_batch(torch.float64, 6, 5, 3, 6)
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    t = torch.randint(0, 6, (5,))
+    fn = lambda hh: linear_cross_entropy(hh, w64.detach(), t, w, chunk_size=2, impl="chunked")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h64,), eps=1e-6, atol=1e-6)
+    out = fn(h64)
+    assert out.grad_fn is not None and len(out.grad_fn.saved_tensors) == 1
+
+
 @pytest.mark.parametrize("kind", TEACHERS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gradcheck_float64(loss, kind):
