@@ -147,9 +147,10 @@ def _cat_rows(parts: list[PackedRows]) -> PackedRows:
 
 
 def replay_kl_sum(hidden: Tensor, base_hidden: Tensor, weight: Tensor, target_weights: Tensor,
-                  chunk_size: int = 1024) -> Tensor:
-    """sum_i w_i * KL(base_i || adapter_i) over the tokens with w_i > 0: the adapter's next-token
-    distribution held to the base's whole distribution there (not only to its top answer).
+                  chunk_size: int = 1024, target_ids: Tensor | None = None, ce_weight: float = 0.0) -> Tensor:
+    """sum_i w_i * (KL(base_i || adapter_i) + ce_weight * CE_i) over the tokens with w_i > 0: the
+    adapter's next-token distribution held to the base's whole distribution there (not only to
+    its top answer), plus, with ``ce_weight``, cross-entropy on the row's own answer tokens.
     ``hidden`` / ``base_hidden`` (N, H) final hidden states with and without the adapter."""
     w = target_weights.reshape(-1)
     keep = w > 0
@@ -157,8 +158,9 @@ def replay_kl_sum(hidden: Tensor, base_hidden: Tensor, weight: Tensor, target_we
         return hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()
     H = hidden.shape[-1]
     teacher = TeacherDense(base_hidden.reshape(-1, H)[keep], weight)
+    targets = target_ids.reshape(-1)[keep] if ce_weight else None
     return linear_distill_loss(hidden.reshape(-1, H)[keep], weight, teacher, w[keep], loss="forward_kl",
-                               chunk_size=chunk_size)
+                               ce_weight=ce_weight, targets=targets, chunk_size=chunk_size)
 
 
 def causal_ce_sum(hidden: Tensor, weight: Tensor, target_ids: Tensor, target_weights: Tensor,
@@ -174,10 +176,10 @@ def causal_ce_sum(hidden: Tensor, weight: Tensor, target_ids: Tensor, target_wei
 
 
 def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_row: Tensor | None, weight: Tensor,
-                  batch: dict, rows: slice = slice(None), chunk_size: int = 1024) -> Tensor:
-    """The loss of ``rows`` of a batch: cross-entropy on ordinary rows, :func:`replay_kl_sum` on
-    the rows flagged in ``kl_row`` (``base_hidden`` holds the base's hidden states of the flagged
-    rows of the whole batch, in order)."""
+                  batch: dict, rows: slice = slice(None), chunk_size: int = 1024, kl_ce_weight: float = 0.0) -> Tensor:
+    """The loss of ``rows`` of a batch: cross-entropy on ordinary rows, :func:`replay_kl_sum` (with
+    ``kl_ce_weight`` x cross-entropy) on the rows flagged in ``kl_row`` (``base_hidden`` holds the
+    base's hidden states of the flagged rows of the whole batch, in order)."""
     h, tid, tw = hidden[rows], batch["target_ids"][rows], batch["target_weights"][rows]
     if kl_row is None or not bool(kl_row.any()):
         return causal_ce_sum(h, weight, tid, tw, chunk_size)
@@ -185,7 +187,7 @@ def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_row: Tensor | N
     where = torch.cumsum(kl_row.long(), 0) - 1  # row of the batch -> its row in base_hidden
     base = base_hidden[where[rows][flag]]
     return (causal_ce_sum(h[~flag], weight, tid[~flag], tw[~flag], chunk_size)
-            + replay_kl_sum(h[flag], base, weight, tw[flag], chunk_size))
+            + replay_kl_sum(h[flag], base, weight, tw[flag], chunk_size, tid[flag], kl_ce_weight))
 
 
 class _Schedule:
@@ -241,9 +243,10 @@ class GroupedLoss(nn.Module):
     divides extra outputs by the step's loss weight (K here).
     """
 
-    def __init__(self, model: nn.Module, patch, n_users: int, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, patch, n_users: int, chunk_size: int = 1024, kl_ce_weight: float = 0.0):
         super().__init__()
         self.model = model
+        self.kl_ce_weight = kl_ce_weight
         self.patch = patch
         self.n_users = n_users
         self.chunk_size = chunk_size
@@ -263,7 +266,7 @@ class GroupedLoss(nn.Module):
         out: dict[str, Tensor] = {}
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         for user, s, e in batch["user_spans"]:  # per user: the same tokens its single run's loss sees
-            lu = rows_loss_sum(hidden, base_hidden, kl_row, W, batch, slice(s, e), self.chunk_size)
+            lu = rows_loss_sum(hidden, base_hidden, kl_row, W, batch, slice(s, e), self.chunk_size, self.kl_ce_weight)
             loss_sum = loss_sum + lu
             out[f"loss/{user}"] = lu.detach() * self.n_users
         out["loss_sum"] = loss_sum
@@ -374,6 +377,7 @@ def train_adapters_grouped(
     packing: bool = True,
     train_on: str = "completion",
     kl_target: str | None = None,
+    kl_ce_weight: float = 0.0,
     stop_after: int | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Train one LoRA adapter per user in one pass over the frozen ``model``; returns
@@ -390,7 +394,8 @@ def train_adapters_grouped(
     is not faster (the base is compute-bound); raise it on a GPU. The step still covers every user.
     ``kl_target`` (e.g. "replay"): the records with that ``target`` are trained by KL to the
     base's own next-token distribution on their answer tokens instead of cross-entropy (their rows
-    go through the base once more, without grad). Resumes from ``run_dir`` like every recipe.
+    go through the base once more, without grad); ``kl_ce_weight`` adds that much cross-entropy on
+    their answers. Resumes from ``run_dir`` like every recipe.
     The model is restored as it came (original layers, requires_grad flags) on return.
     """
     lora = LoraShape.of(lora)
@@ -427,10 +432,11 @@ def train_adapters_grouped(
         loop_cfg = replace(train_cfg, micro_batch=1, grad_accum=sched.n_micro, grad_clip=0.0, seed=seed,
                            progress=train_cfg.progress and di.is_main)
         t0 = time.time()
-        result = train(GroupedLoss(model, patch, len(users)), sched.placeholders(), loop_cfg, run_dir, local,
+        result = train(GroupedLoss(model, patch, len(users), kl_ce_weight=kl_ce_weight), sched.placeholders(), loop_cfg, run_dir, local,
                        prepare_batch=sched.batch, base_hash=getattr(model, "base_hash", None),
                        run_config={"grouped": {"users": mine, "lora": asdict(lora), "seq_len": seq_len,
                                                "packing": packing, "train_on": train_on, "kl_target": kl_target,
+                                               "kl_ce_weight": kl_ce_weight,
                                                # the per-user values the loop's own config no longer shows
                                                "micro_batch": train_cfg.micro_batch,
                                                "grad_accum": train_cfg.grad_accum,

@@ -76,10 +76,11 @@ class RefreshData:
                                                    "('base': self-distillation, so the adapter keeps answering general "
                                                    "prompts the way the core does)")
     replay_max_new_tokens: int = field(64, help="longest base reply generated per replay prompt (replay_answers=base)")
-    replay_loss: Literal["ce", "kl"] = field("ce", help="how replay rows train: cross-entropy on their answers ('ce'), "
-                                             "or KL from the base's own next-token distribution on those answer "
-                                             "tokens ('kl': the adapter is held to all the core would say there, not "
-                                             "only its top answer; the base runs once more on those rows, no grad)")
+    replay_loss: Literal["ce", "kl", "kl+ce"] = field("ce", help="how replay rows train: cross-entropy on their answers "
+                                                    "('ce'), KL from the base's own next-token distribution on those "
+                                                    "answer tokens ('kl': the adapter is held to all the core would say "
+                                                    "there, not only its top answer; the base runs once more on those "
+                                                    "rows, no grad), or the sum of both ('kl+ce')")
 
     def __post_init__(self):
         if self.seq_len < 8:
@@ -137,7 +138,11 @@ class RefreshResult:
 # ----------------------------------------------------------------------------- steps shared with --all-due
 
 def _kl_target(data: RefreshData) -> str | None:
-    return "replay" if data.replay_loss == "kl" else None
+    return "replay" if data.replay_loss != "ce" else None
+
+
+def _kl_ce_weight(data: RefreshData) -> float:
+    return 1.0 if data.replay_loss == "kl+ce" else 0.0
 
 
 class AdapterLoss(nn.Module):
@@ -145,10 +150,11 @@ class AdapterLoss(nn.Module):
     ``kl_row`` (replay, with ``data.replay_loss=kl``), where the adapter's next-token distribution
     is pulled to the base's (the same model with its adapter disabled)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, kl_ce_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.kl_ce_weight = kl_ce_weight
 
     def forward(self, batch: dict) -> dict:
         kl_row = batch.get("kl_row")
@@ -158,7 +164,7 @@ class AdapterLoss(nn.Module):
                 base_hidden = decoder_hidden(self.model, {k: batch[k][kl_row] for k in ("input_ids", "position_ids")})
         hidden = decoder_hidden(self.model, batch)
         loss_sum = rows_loss_sum(hidden, base_hidden, kl_row, output_weight(self.model), batch,
-                                 chunk_size=self.chunk_size)
+                                 chunk_size=self.chunk_size, kl_ce_weight=self.kl_ce_weight)
         return {"loss_sum": loss_sum, "weight": batch["target_weights"].sum()}
 
 
@@ -373,7 +379,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
 
         # the gate's settings and the lock wait do not change the weights: a rerun with other ones resumes
         trained_by = {k: v for k, v in asdict(cfg).items() if k not in ("gate", "lock_timeout", "out")}
-        result = train(AdapterLoss(model), rows, train_cfg, run_dir, di, base_hash=base,
+        result = train(AdapterLoss(model, kl_ce_weight=_kl_ce_weight(cfg.data)), rows, train_cfg, run_dir, di, base_hash=base,
                        run_config=trained_by, stop_after=stop_after,
                        prepare_batch=lambda b, _step: {**b, "kl_row": kl_rows.to(b["row_index"].device)[b["row_index"]]})
         if result.steps < train_cfg.max_steps:
@@ -493,7 +499,7 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
                   f"run {group_dir}", flush=True)
         weights = train_adapters_grouped(model, tokenizer, records, cfg.lora, cfg.train, group_dir, di,
                                          seq_len=cfg.data.seq_len, packing=cfg.data.packing, init=init or None,
-                                         kl_target=_kl_target(cfg.data))
+                                         kl_target=_kl_target(cfg.data), kl_ce_weight=_kl_ce_weight(cfg.data))
 
         # gate and publish each user's adapter, on a fresh copy of the base, one adapter at a time
         if di.is_main:

@@ -88,6 +88,8 @@ def test_refresh_config_errors(fresh_home):
         run(load_config(RefreshConfig, None, ["user=nobody", "model.source=tiny-llama"]))
     with pytest.raises(ConfigError, match="invalid user id"):
         load_config(RefreshConfig, None, ["user=../x"])
+    with pytest.raises(ConfigError, match="replay_loss"):
+        load_config(RefreshConfig, None, ["data.replay_loss=mse"])
 
 
 CLI = ["-m", "cogcore.cli", "refresh"]
@@ -199,5 +201,23 @@ def test_grouped_refresh_run_is_named_by_its_data(fresh_home, demo_users, one_th
     refresh_grouped(load_config(RefreshConfig, None, common + ["data.replay_answers=base",
                                                                 "data.replay_max_new_tokens=4"]), users,
                     AdapterRegistry())
+    # so is another replay loss (the same records, trained by KL to the base)
+    refresh_grouped(load_config(RefreshConfig, None, common + ["data.replay_loss=kl"]), users, AdapterRegistry())
     runs = sorted(p.name for p in (fresh_home / "runs").glob("refresh-grouped-*"))
-    assert len(runs) == 2, runs
+    assert len(runs) == 3, runs
+
+
+def test_single_user_refresh_with_kl_replay(fresh_home, demo_users, one_thread):
+    """The single-user recipe (PEFT model) trains with replay_loss=kl+ce: replay rows packed apart,
+    the base seen through the disabled adapter; the run records the setting."""
+    tok = load_tokenizer("tiny-llama")
+    alice = demo_users.users[0]
+    make_user_set(fresh_home, tok, alice, 1, n_train=8, replay_share=0.5)
+    res = run(load_config(RefreshConfig, None, [f"user={alice.id}", "data.replay_loss=kl+ce", *FAST[:2],
+                                                "lora.r=4", "data.seq_len=128", "train.max_steps=4",
+                                                "train.save_every=4", "train.progress=false",
+                                                "train.tensorboard=false"]))
+    assert res.train.steps == 4 and res.published == f"{alice.id}@v1"
+    losses = [m["loss"] for m in read_metrics(Path(res.run_dir) / "metrics.jsonl") if "loss" in m]
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses), losses
+    assert "replay_loss: kl+ce" in (Path(res.run_dir) / "config.yaml").read_text()

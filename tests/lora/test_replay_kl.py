@@ -72,6 +72,11 @@ def test_replay_kl_sum_is_weighted_forward_kl():
     g_ref, = torch.autograd.grad(ref, hidden)
     torch.testing.assert_close(g_got, g_ref)
     assert float(replay_kl_sum(base, base, W, w)) == pytest.approx(0, abs=1e-12)
+    # replay_loss=kl+ce: the same plus cross-entropy on the row's own answer tokens
+    targets = torch.randint(0, V, (N,), generator=g)
+    both = replay_kl_sum(hidden, base, W, w, target_ids=targets, ce_weight=1.0)
+    ce = (w * F.cross_entropy(hidden @ W.T, targets, reduction="none")).sum()
+    torch.testing.assert_close(both, ref + ce)
     assert float(replay_kl_sum(hidden, base, W, torch.zeros(N, dtype=torch.float64))) == 0.0
 
 
