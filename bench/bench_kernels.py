@@ -1,7 +1,7 @@
 """Kernel benchmarks, side by side in one run.
 
   python bench/bench_kernels.py [--quick] [--device cpu|cuda] [--threads N]
-                                [--parts linear lora decode bandwidth] [--out bench/results/kernels_cpu.json]
+                                [--parts linear ce lora decode bandwidth] [--out bench/results/kernels_cpu.json]
 
 (a) linear JSD (beta 0.5) over the lm_head, fwd+bwd: the lean chunked path vs the naive
     full-logits path vs Liger's LigerFusedLinearJSDLoss (and, on CUDA, our Triton chunk math
@@ -13,6 +13,9 @@
     adapter (rank 16), through one projection; time of base matmul + gathered LoRA over the
     base matmul alone (issue target on an H200: <= 15 % overhead). d = 4096 bf16 on CUDA,
     d = 576 fp32 on CPU.
+(e) cross-entropy over the lm_head with the lm_head frozen (the LoRA case), fwd+bwd: the lean
+    chunked path (which makes d loss / d hidden in forward) vs full logits + F.cross_entropy vs
+    Liger's LigerFusedLinearCrossEntropyLoss (Triton: CUDA only). Peak memory and median time.
 (c) CUDA only: RMSNorm / SwiGLU (reference, triton, liger) and our loss-chunk kernel, as
     achieved GB/s against a measured device-to-device copy peak.
 
@@ -50,7 +53,7 @@ SHAPES = {  # (a): tokens N, student/teacher hidden H, vocab V, chunk
     "cuda": dict(N=4096, H=2048, V=128256, chunk=1024, dtype="bfloat16"),
     "cuda_quick": dict(N=1024, H=576, V=32768, chunk=512, dtype="bfloat16"),
 }
-PARTS = ("linear", "lora", "decode", "bandwidth")
+PARTS = ("linear", "ce", "lora", "decode", "bandwidth")
 LORA = dict(n_adapters=16, rows_per_adapter=32, d=576, r=16)
 DECODE = {"cpu": dict(requests=32, n_adapters=32, d=576, r=16, dtype="float32"),
           "cuda": dict(requests=32, n_adapters=32, d=4096, r=16, dtype="bfloat16")}
@@ -138,7 +141,12 @@ def _paired_speedup(base: list[float], other: list[float]) -> float:
 
 
 def _linear_step(variant: str, shape: dict, device: str):
-    from cogcore.kernels import TeacherDense, distill_loss_from_logits, linear_distill_loss
+    from cogcore.kernels import (
+        TeacherDense,
+        distill_loss_from_logits,
+        linear_cross_entropy,
+        linear_distill_loss,
+    )
 
     dtype = getattr(torch, shape["dtype"])
     N, H, V, chunk = shape["N"], shape["H"], shape["V"], shape["chunk"]
@@ -191,6 +199,16 @@ def _linear_step(variant: str, shape: dict, device: str):
 
         def loss_fn():
             return module(hidden, weight, t_hidden, t_weight)
+    elif variant.startswith("ce_"):  # (e) cross-entropy, the lm_head frozen (LoRA training)
+        weight.requires_grad_(False)
+        ce = {"ce_naive": lambda: (torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum") / N),
+              "ce_chunked": lambda: linear_cross_entropy(hidden, weight, labels, weights, chunk_size=chunk,
+                                                         impl="chunked") / N}
+        if variant == "ce_liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            module = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+            ce["ce_liger"] = lambda: module(weight, hidden, labels)
+        loss_fn = ce[variant]
     else:
         raise ValueError(variant)
 
@@ -212,7 +230,7 @@ def run_linear_variant(variant: str, shape: dict, device: str, repeats: int) -> 
     first = {
         "loss_per_token": float(loss.detach()),
         "grad_hidden_norm": float(hidden.grad.float().norm()),
-        "grad_weight_norm": float(weight.grad.float().norm()),
+        "grad_weight_norm": float(weight.grad.float().norm()) if weight.grad is not None else None,
     }
     median, times = _median_time(step, repeats, device)
     return {
@@ -224,12 +242,11 @@ def run_linear_variant(variant: str, shape: dict, device: str, repeats: int) -> 
     }
 
 
-def bench_linear(device: str, quick: bool, repeats: int, progress) -> dict:
+def _run_variants(variants: list[str], title: str, device: str, quick: bool, repeats: int, progress) -> dict:
     shape = SHAPES[f"{device}_quick" if quick else device]
-    variants = ["naive", "chunked", "liger"] + (["triton", "liger_fused"] if device == "cuda" else [])
     results = {}
     for variant in variants:
-        progress(f"(a) linear JSD {variant} N={shape['N']} H={shape['H']} V={shape['V']} {shape['dtype']}")
+        progress(f"{title} {variant} N={shape['N']} H={shape['H']} V={shape['V']} {shape['dtype']}")
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -248,6 +265,40 @@ def bench_linear(device: str, quick: bool, repeats: int, progress) -> dict:
             results[variant] = {"error": (proc.stderr or proc.stdout)[-1500:]}
             continue
         results[variant] = json.loads(lines[-1])
+    return results
+
+
+def bench_ce_frozen(device: str, quick: bool, repeats: int, progress) -> dict:
+    """(e) mean cross-entropy over the lm_head with the lm_head frozen (every LoRA run): the lean
+    chunked path (d loss / d hidden made in forward) vs full logits + F.cross_entropy vs Liger's
+    LigerFusedLinearCrossEntropyLoss (CUDA). Peak memory, median fwd+bwd time, loss and grad agreement."""
+    shape = SHAPES[f"{device}_quick" if quick else device]
+    # Liger's fused linear CE is a Triton kernel: CUDA only (on CPU the peer is the full-logits path
+    # that transformers' models and TRL run)
+    variants = ["ce_naive", "ce_chunked"] + (["ce_liger"] if device == "cuda" else [])
+    results = _run_variants(variants, "(e) linear CE, frozen lm_head", device, quick, repeats, progress)
+    out = {"shape": shape, "loss": "mean cross-entropy, lm_head frozen (grad to hidden only)", "variants": results,
+           "ratios": {}}
+    naive = results.get("ce_naive", {})
+    for name, r in results.items():
+        if name != "ce_naive" and "peak_mib" in r and "peak_mib" in naive:
+            out["ratios"][f"{name}_vs_naive"] = {
+                "memory": round(r["peak_mib"] / naive["peak_mib"], 3),
+                "time": round(r["time_s"] / naive["time_s"], 3),
+                "loss_rel_diff": abs(r["loss_per_token"] / naive["loss_per_token"] - 1),
+                "grad_hidden_norm_rel_diff": abs(r["grad_hidden_norm"] / naive["grad_hidden_norm"] - 1),
+            }
+    ours, liger = results.get("ce_chunked", {}), results.get("ce_liger", {})
+    if "time_s" in ours and "time_s" in liger:
+        out["ratios"]["ce_chunked_vs_liger"] = {"memory": round(ours["peak_mib"] / liger["peak_mib"], 3),
+                                                "time": round(ours["time_s"] / liger["time_s"], 3)}
+    return out
+
+
+def bench_linear(device: str, quick: bool, repeats: int, progress) -> dict:
+    shape = SHAPES[f"{device}_quick" if quick else device]
+    variants = ["naive", "chunked", "liger"] + (["triton", "liger_fused"] if device == "cuda" else [])
+    results = _run_variants(variants, "(a) linear JSD", device, quick, repeats, progress)
     out = {"shape": shape, "loss": "generalized JSD, beta=0.5, T=1", "variants": results, "ratios": {}}
     naive = results.get("naive", {})
     for name, r in results.items():
@@ -703,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     result["malloc"] = malloc
     if "linear" in args.parts:
         result["linear_jsd"] = bench_linear(args.device, args.quick, repeats, progress)
+    if "ce" in args.parts:
+        result["linear_ce_frozen_head"] = bench_ce_frozen(args.device, args.quick, repeats, progress)
     if "lora" in args.parts:
         result["gathered_lora"] = bench_lora(args.device, args.quick, progress)
     if "decode" in args.parts:

@@ -16,6 +16,8 @@ def test_bench_kernels_quick_writes_results(cli, tmp_path):
     assert {"naive", "chunked"} <= set(lin) and all("peak_mib" in lin[k] for k in ("naive", "chunked"))
     lora = result["gathered_lora"]["impls"]["torch"]
     assert max(lora["max_rel_diff_vs_loop"].values()) < 1e-5 and lora["forward_ms"] > 0
+    ce = result["linear_ce_frozen_head"]["ratios"]["ce_chunked_vs_naive"]  # same loss, same gradient
+    assert ce["loss_rel_diff"] < 1e-5 and ce["grad_hidden_norm_rel_diff"] < 1e-5 and ce["memory"] > 0
     decode = result["lora_decode"]["impls"]
     assert decode["base"]["ms"] > 0 and decode["torch"]["max_rel_diff_vs_loop"] < 1e-5
     assert "(d) LoRA decode" in proc.stdout and "overhead" in proc.stdout
