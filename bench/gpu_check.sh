@@ -7,7 +7,8 @@
 #    sizes; packed loss == unpacked loss with flash-attn (when installed), SDPA and eager on CUDA
 # 2. pytest tests/kernels/triton_cases.py   the interpreter's odd tiny shapes, compiled for the GPU
 # 3. python bench/bench_kernels.py --device cuda  linear JSD at V=128256 (naive / chunked / triton /
-#    Liger x2), gathered LoRA vs loop, LoRA decode overhead over the base matmul, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
+#    Liger x2), CE with a frozen lm_head (naive / chunked / Liger), gathered LoRA vs loop, LoRA decode
+#    overhead over the base matmul, RMSNorm/SwiGLU/loss-chunk GB/s vs a measured copy peak
 # 4. recipes on CUDA, tiny presets, about a minute in all: `distill` with a cached and with a live
 #    teacher (held-out documents, so the held-out KL runs before the loop moves anything), `sft`
 #    with LoRA, and `eval core` (must say "on cuda"); each summary must report device cuda.
