@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from cogcore.train.config import field
 from cogcore.train.data import make_batch, pack, read_records, tokenize_record
 from cogcore.train.lm import CausalLMLoss
 
-GATE_VERSION = 2  # bump when what the gate measures changes: the cached base numbers are keyed by it
+GATE_VERSION = 3  # bump when what the gate measures changes: the cached base numbers are keyed by it
 
 
 @dataclass
@@ -225,7 +226,7 @@ def general_metrics(model, tokenizer, cfg: GateConfig) -> dict:
         got = replies(model, tokenizer, [probe_prompt(tokenizer, p.question) for p in probes],
                       cfg.probe_max_new_tokens, cfg.batch_size)
         hits = [mentions(r, p.answers, p.case_sensitive) for p, r in zip(probes, got)]
-        out["probe_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits),
+        out["probe_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits), "hits": [bool(h) for h in hits],
                                  "samples": [{"q": p.question, "reply": r} for p, r in zip(probes[:3], got[:3])]}
     recs = general_records(cfg)
     qa = general_prompt_texts(tokenizer, recs)
@@ -234,7 +235,7 @@ def general_metrics(model, tokenizer, cfg: GateConfig) -> dict:
         # result after 24 tokens, and a cut reply would count its verbosity, not its arithmetic
         got = replies(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in qa], cfg.max_new_tokens, cfg.batch_size)
         hits = [_answer_hit(r, want) for (_, want), r in zip(qa, got)]
-        out["answer_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits),
+        out["answer_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits), "hits": [bool(h) for h in hits],
                                   "samples": [{"want": w, "reply": r} for (_, w), r in zip(qa[:3], got[:3])]}
     if recs:  # questions score the answer and its end only, exactly like the junk replies below
         proper = [reply_record(q, want, tokenizer) for q, want in qa] if qa else recs
@@ -330,6 +331,19 @@ def leak_rate(model, tokenizer, prompts: list[list[int]], patterns: list, cfg: G
 
 # ----------------------------------------------------------------------------- the gate
 
+def paired_change(before: list[bool], after: list[bool]) -> dict:
+    """Right/wrong per question, before and after, on the same questions: how many were lost and
+    gained, and the exact one-sided sign-test (McNemar) p-value of losing at least that many of
+    the changed ones if a change were as likely to go either way. Reported next to the gate's
+    fixed tolerance, which it does not replace: at n = 64 and a 10 % base rate, a drop of a few
+    answers is within noise, and this says how far within."""
+    lost = sum(b and not a for b, a in zip(before, after))
+    gained = sum(a and not b for b, a in zip(before, after))
+    n = lost + gained
+    p = sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+    return {"lost": lost, "gained": gained, "p_value_worse": p}
+
+
 def _base_general(model, tokenizer, cfg: GateConfig, cache_dir: Path | None, base_tag: str) -> dict:
     """The base's general metrics, cached per base and gate settings (the same for every user)."""
     key = hashlib.sha256(json.dumps([GATE_VERSION, base_tag, cfg.probes, cfg.probe_max_new_tokens, cfg.general_source,
@@ -377,8 +391,12 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
             ok, word = v >= limit, "fell"
         criteria[name] = {"passed": ok, "value": v, "reference": r, "against": against, "limit": limit,
                           "n": new["n"], **({"samples": new["samples"]} if "samples" in new else {})}
+        if len(new.get("hits") or []) == len(ref.get("hits") or []) > 0:  # the same questions, asked of both
+            criteria[name]["paired"] = paired_change(ref["hits"], new["hits"])
         if not ok:
-            reasons.append(f"{name} {word}: {v:.4f} vs {against} {r:.4f} (limit {limit:.4f}, n={new['n']})")
+            pc = criteria[name].get("paired")
+            why = f"; paired: lost {pc['lost']}, gained {pc['gained']}, p={pc['p_value_worse']:.2g}" if pc else ""
+            reasons.append(f"{name} {word}: {v:.4f} vs {against} {r:.4f} (limit {limit:.4f}, n={new['n']}{why})")
 
     # a bar over the gate's measurements (each a few seconds to a minute on CPU)
     from tqdm.auto import tqdm
@@ -457,14 +475,16 @@ def gate_table(report: dict, title: str):
     """A rich table of a gate report: one row per criterion."""
     from rich.table import Table
     t = Table(title=title)
-    for col in ("criterion", "ok", "candidate", "reference", "limit", "n"):
+    for col in ("criterion", "ok", "candidate", "reference", "limit", "n", "paired"):
         t.add_column(col, justify="left" if col == "criterion" else "right")
     for name, c in report.get("criteria", {}).items():
         if "value" not in c:
-            t.add_row(name, "-", c.get("note", ""), "", "", str(c.get("n", 0)))
+            t.add_row(name, "-", c.get("note", ""), "", "", str(c.get("n", 0)), "")
             continue
+        pc = c.get("paired")
+        paired = f"-{pc['lost']} +{pc['gained']} p={pc['p_value_worse']:.2g}" if pc else ""
         t.add_row(name, "yes" if c["passed"] else "NO", f"{c['value']:.4f}",
-                  f"{c['reference']:.4f} ({c['against']})", f"{c['limit']:.4f}", str(c["n"]))
+                  f"{c['reference']:.4f} ({c['against']})", f"{c['limit']:.4f}", str(c["n"]), paired)
     return t
 
 

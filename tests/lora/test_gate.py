@@ -40,6 +40,20 @@ def test_gate_publishes_clean_blocks_junk_and_the_dose_shows(general_base, fresh
     for r in results.values():  # every criterion reports its numbers and n
         for name, c in r.gate["criteria"].items():
             assert "n" in c and ("value" in c or c["n"] == 0), name
+    answers = crit["general_answer_accuracy"]  # asked of base and candidate alike: the paired counts
+    assert answers["paired"]["lost"] + answers["paired"]["gained"] <= answers["n"]
+    assert 0 < answers["paired"]["p_value_worse"] <= 1
+
+
+def test_paired_change_is_an_exact_sign_test():
+    from cogcore.lora.gate import paired_change
+    before = [True] * 7 + [False] * 57
+    after = [True] * 2 + [False] * 62  # alice's general sums in the demo: 7/64 -> 2/64
+    got = paired_change(before, after)
+    assert (got["lost"], got["gained"]) == (5, 0) and got["p_value_worse"] == 1 / 32
+    mixed = paired_change([True, True, False, False, True], [False, True, True, False, True])
+    assert (mixed["lost"], mixed["gained"]) == (1, 1) and mixed["p_value_worse"] == 0.75
+    assert paired_change([True, False], [True, False]) == {"lost": 0, "gained": 0, "p_value_worse": 1.0}
 
 
 def test_acts_right_uses_check_then_the_right_action():
