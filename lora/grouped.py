@@ -55,7 +55,7 @@ from ..kernels import (
 )
 from ..train import checkpoint
 from ..train.config import CogcoreError
-from ..train.data import BatchPlan, PackedRows, make_batch, pack, tokenize_record
+from ..train.data import BatchPlan, Document, PackedRows, make_batch, pack, tokenize_record
 from ..train.distributed import DistInfo
 from ..train.lm import decoder_hidden, output_weight
 from ..train.loop import TrainConfig, train
@@ -112,24 +112,28 @@ def pack_user_rows(tokenizer, records: Sequence[dict], seq_len: int, user: str =
 
 def pack_user_rows_kl(tokenizer, records: Sequence[dict], seq_len: int, user: str = "user",
                       train_on: str = "completion", packing: bool = True,
-                      kl_target: str | None = None) -> tuple[PackedRows, Tensor]:
-    """Like :func:`pack_user_rows`, plus an (N,) bool per row: True for the rows that hold the
-    records whose ``target`` is ``kl_target`` (e.g. "replay"). Those records are packed into
-    rows of their own, after the others, so a whole row is trained one way: cross-entropy on its
-    answers, or KL to the base's next-token distribution there (:func:`replay_kl_sum`).
-    ``kl_target=None`` packs everything together (all False), exactly as before."""
-    docs, kl_docs = [], []
+                      kl_target: str | None = None, apart: bool = True) -> tuple[PackedRows, Tensor]:
+    """Like :func:`pack_user_rows`, plus an (N, T) bool: True on the tokens of the records whose
+    ``target`` is ``kl_target`` (e.g. "replay"), which are trained by KL to the base's
+    next-token distribution (:func:`replay_kl_sum`) instead of cross-entropy. With ``apart``
+    those records are packed into rows of their own, after the others (whole rows flagged);
+    otherwise they are packed among the others. ``kl_target=None``: the plain packing, no flag."""
+    docs, flags = [], []
     for i, r in enumerate(records):
         d = tokenize_record(r, tokenizer, train_on, where=f"user {user} record {i}")
         if len(d.input_ids) >= 2 and sum(d.weights) > 0:
-            (kl_docs if kl_target is not None and r.get("target") == kl_target else docs).append(d)
-    if not docs and not kl_docs:
+            docs.append(d)
+            flags.append(kl_target is not None and r.get("target") == kl_target)
+    if not docs:
         raise CogcoreError(f"user {user}: none of its {len(records)} records has a token to train on; "
                            "leave the user out of this refresh or add data")
-    parts = [(pack(group, seq_len, tokenizer.pad_token_id, packing), flag)
-             for group, flag in ((docs, False), (kl_docs, True)) if group]
-    kl = torch.cat([torch.full((len(rows),), flag) for rows, flag in parts])
-    rows = _cat_rows([rows for rows, _ in parts])
+    pairs = list(zip(docs, flags))
+    groups = [[x for x in pairs if not x[1]], [x for x in pairs if x[1]]] if apart else [pairs]
+    groups = [g for g in groups if g]
+    rows = _cat_rows([pack([d for d, _ in g], seq_len, tokenizer.pad_token_id, packing) for g in groups])
+    # the flags: the same packing of same-length stand-ins whose every token is its document's flag
+    kl = _cat_rows([pack([Document([int(f)] * len(d.input_ids), d.weights) for d, f in g], seq_len, 0, packing)
+                    for g in groups]).input_ids.bool()
     keep = (rows.target_weights > 0).any(dim=1)  # a row split off a long prompt may train nothing
     if bool(keep.all()):
         return rows, kl
@@ -175,19 +179,20 @@ def causal_ce_sum(hidden: Tensor, weight: Tensor, target_ids: Tensor, target_wei
                                 chunk_size=chunk_size)
 
 
-def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_row: Tensor | None, weight: Tensor,
+def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_tok: Tensor | None, weight: Tensor,
                   batch: dict, rows: slice = slice(None), chunk_size: int = 1024, kl_ce_weight: float = 0.0) -> Tensor:
-    """The loss of ``rows`` of a batch: cross-entropy on ordinary rows, :func:`replay_kl_sum` (with
-    ``kl_ce_weight`` x cross-entropy) on the rows flagged in ``kl_row`` (``base_hidden`` holds the
-    base's hidden states of the flagged rows of the whole batch, in order)."""
+    """The loss of ``rows`` of a batch: cross-entropy on ordinary tokens, :func:`replay_kl_sum` (with
+    ``kl_ce_weight`` x cross-entropy) on the tokens flagged in ``kl_tok`` (B, T) (``base_hidden``
+    holds the base's hidden states of the batch's rows that have a flagged token, in order)."""
     h, tid, tw = hidden[rows], batch["target_ids"][rows], batch["target_weights"][rows]
-    if kl_row is None or not bool(kl_row.any()):
+    if kl_tok is None or not bool(kl_tok.any()):
         return causal_ce_sum(h, weight, tid, tw, chunk_size)
-    flag = kl_row[rows]
-    where = torch.cumsum(kl_row.long(), 0) - 1  # row of the batch -> its row in base_hidden
-    base = base_hidden[where[rows][flag]]
+    flag = kl_tok[rows]
+    where = torch.cumsum(kl_tok.any(dim=1).long(), 0) - 1  # row of the batch -> its row in base_hidden
+    r, t = flag.nonzero(as_tuple=True)
     return (causal_ce_sum(h[~flag], weight, tid[~flag], tw[~flag], chunk_size)
-            + replay_kl_sum(h[flag], base, weight, tw[flag], chunk_size, tid[flag], kl_ce_weight))
+            + replay_kl_sum(h[r, t], base_hidden[where[rows][r], t], weight, tw[r, t], chunk_size, tid[r, t],
+                            kl_ce_weight))
 
 
 class _Schedule:
@@ -199,9 +204,9 @@ class _Schedule:
 
     def __init__(self, users: list[str], rows: dict[str, PackedRows], slot_of: dict[str, int], cfg: TrainConfig,
                  seed: int, seq_len: int, tokens_per_forward: int, device: torch.device,
-                 kl_rows: dict[str, Tensor] | None = None):
+                 kl_tokens: dict[str, Tensor] | None = None):
         self.users, self.rows, self.slot_of, self.device = users, rows, slot_of, device
-        self.kl_rows = kl_rows  # per user, (N,) bool: rows trained by KL to the base (None: none are)
+        self.kl_tokens = kl_tokens  # per user, (N, T) bool: tokens trained by KL to the base (None: none are)
         self.plans = {u: BatchPlan(len(rows[u]), cfg.micro_batch, cfg.grad_accum, 1, seed) for u in users}
         per = max(1, tokens_per_forward // (cfg.micro_batch * seq_len))  # users per forward pass
         self.chunks = [users[i:i + per] for i in range(0, len(users), per)]
@@ -224,8 +229,8 @@ class _Schedule:
             # u's weight over the whole step (all its micro-batches): each user sums to 1
             b["target_weights"] = b["target_weights"] / self.rows[u].target_weights[torch.cat(step_idx)].sum()
             b["adapter_index"] = torch.full((len(idx),), self.slot_of[u], dtype=torch.long)
-            if self.kl_rows is not None:
-                b["kl_row"] = self.kl_rows[u][idx]
+            if self.kl_tokens is not None:
+                b["kl_token"] = self.kl_tokens[u][idx]
             parts.append(b)
             spans.append((u, start, start + len(idx)))
             start += len(idx)
@@ -252,11 +257,12 @@ class GroupedLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, batch: dict) -> dict:
-        kl_row = batch.get("kl_row")
+        kl_token = batch.get("kl_token")
         base_hidden = None
-        if kl_row is not None and bool(kl_row.any()):  # the base's view of the KL rows: no adapter, no grad
+        if kl_token is not None and bool(kl_token.any()):  # the base's view of rows with KL tokens: no adapter, no grad
             with torch.no_grad():
-                base_hidden = decoder_hidden(self.model, {k: batch[k][kl_row] for k in ("input_ids", "position_ids")})
+                has = kl_token.any(dim=1)
+                base_hidden = decoder_hidden(self.model, {k: batch[k][has] for k in ("input_ids", "position_ids")})
         self.patch.set_adapter_index(batch["adapter_index"])  # one adapter per row (sequence)
         try:
             hidden = decoder_hidden(self.model, batch)  # (B, T, H)
@@ -266,7 +272,7 @@ class GroupedLoss(nn.Module):
         out: dict[str, Tensor] = {}
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         for user, s, e in batch["user_spans"]:  # per user: the same tokens its single run's loss sees
-            lu = rows_loss_sum(hidden, base_hidden, kl_row, W, batch, slice(s, e), self.chunk_size, self.kl_ce_weight)
+            lu = rows_loss_sum(hidden, base_hidden, kl_token, W, batch, slice(s, e), self.chunk_size, self.kl_ce_weight)
             loss_sum = loss_sum + lu
             out[f"loss/{user}"] = lu.detach() * self.n_users
         out["loss_sum"] = loss_sum
@@ -378,6 +384,7 @@ def train_adapters_grouped(
     train_on: str = "completion",
     kl_target: str | None = None,
     kl_ce_weight: float = 0.0,
+    kl_apart: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Train one LoRA adapter per user in one pass over the frozen ``model``; returns
@@ -413,7 +420,8 @@ def train_adapters_grouped(
     local = DistInfo(rank=0, world_size=1, local_rank=di.local_rank, strategy="single", device=di.device)
     _check_resume(run_dir, train_cfg, mine)
 
-    packed = {u: pack_user_rows_kl(tokenizer, user_records[u], seq_len, u, train_on, packing, kl_target) for u in mine}
+    packed = {u: pack_user_rows_kl(tokenizer, user_records[u], seq_len, u, train_on, packing, kl_target, kl_apart)
+              for u in mine}
     rows = {u: packed[u][0] for u in mine}
     slot_of = {u: i for i, u in enumerate(mine)}
     sched = _Schedule(mine, rows, slot_of, train_cfg, seed, seq_len, tokens_per_forward, di.device,
@@ -436,7 +444,7 @@ def train_adapters_grouped(
                        prepare_batch=sched.batch, base_hash=getattr(model, "base_hash", None),
                        run_config={"grouped": {"users": mine, "lora": asdict(lora), "seq_len": seq_len,
                                                "packing": packing, "train_on": train_on, "kl_target": kl_target,
-                                               "kl_ce_weight": kl_ce_weight,
+                                               "kl_ce_weight": kl_ce_weight, "kl_apart": kl_apart,
                                                # the per-user values the loop's own config no longer shows
                                                "micro_batch": train_cfg.micro_batch,
                                                "grad_accum": train_cfg.grad_accum,

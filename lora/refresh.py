@@ -81,6 +81,9 @@ class RefreshData:
                                                     "answer tokens ('kl': the adapter is held to all the core would say "
                                                     "there, not only its top answer; the base runs once more on those "
                                                     "rows, no grad), or the sum of both ('kl+ce')")
+    replay_rows: Literal["apart", "mixed"] = field("apart", help="with replay_loss kl / kl+ce: replay packed into rows "
+                                                   "of its own ('apart'), or among the user's rows ('mixed': every "
+                                                   "row holding a replay token also goes through the base)")
 
     def __post_init__(self):
         if self.seq_len < 8:
@@ -147,7 +150,7 @@ def _kl_ce_weight(data: RefreshData) -> float:
 
 class AdapterLoss(nn.Module):
     """The refresh objective on a PEFT model: weighted cross-entropy, except on the rows flagged
-    ``kl_row`` (replay, with ``data.replay_loss=kl``), where the adapter's next-token distribution
+    ``kl_token`` (replay, with ``data.replay_loss=kl``), where the adapter's next-token distribution
     is pulled to the base's (the same model with its adapter disabled)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, kl_ce_weight: float = 0.0):
@@ -157,13 +160,14 @@ class AdapterLoss(nn.Module):
         self.kl_ce_weight = kl_ce_weight
 
     def forward(self, batch: dict) -> dict:
-        kl_row = batch.get("kl_row")
+        kl_token = batch.get("kl_token")
         base_hidden = None
-        if kl_row is not None and bool(kl_row.any()):
+        if kl_token is not None and bool(kl_token.any()):
             with torch.no_grad(), self.model.disable_adapter():
-                base_hidden = decoder_hidden(self.model, {k: batch[k][kl_row] for k in ("input_ids", "position_ids")})
+                has = kl_token.any(dim=1)
+                base_hidden = decoder_hidden(self.model, {k: batch[k][has] for k in ("input_ids", "position_ids")})
         hidden = decoder_hidden(self.model, batch)
-        loss_sum = rows_loss_sum(hidden, base_hidden, kl_row, output_weight(self.model), batch,
+        loss_sum = rows_loss_sum(hidden, base_hidden, kl_token, output_weight(self.model), batch,
                                  chunk_size=self.chunk_size, kl_ce_weight=self.kl_ce_weight)
         return {"loss_sum": loss_sum, "weight": batch["target_weights"].sum()}
 
@@ -365,8 +369,8 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         else:
             model = add_lora(model, cfg.lora)
 
-        rows, kl_rows = pack_user_rows_kl(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing,
-                                          kl_target=_kl_target(cfg.data))
+        rows, kl_tokens = pack_user_rows_kl(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing,
+                                            kl_target=_kl_target(cfg.data), apart=cfg.data.replay_rows == "apart")
         train_cfg = cfg.train
         if len(rows) < train_cfg.micro_batch * train_cfg.grad_accum * di.world_size:
             # a user with little experience: smaller batches rather than no refresh at all
@@ -381,7 +385,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         trained_by = {k: v for k, v in asdict(cfg).items() if k not in ("gate", "lock_timeout", "out")}
         result = train(AdapterLoss(model, kl_ce_weight=_kl_ce_weight(cfg.data)), rows, train_cfg, run_dir, di, base_hash=base,
                        run_config=trained_by, stop_after=stop_after,
-                       prepare_batch=lambda b, _step: {**b, "kl_row": kl_rows.to(b["row_index"].device)[b["row_index"]]})
+                       prepare_batch=lambda b, _step: {**b, "kl_token": kl_tokens.to(b["row_index"].device)[b["row_index"]]})
         if result.steps < train_cfg.max_steps:
             return RefreshResult(user, cset.version, str(run_dir), None, None, None, ["stopped early"], result)
 
@@ -492,14 +496,15 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
         records = answered_replay(model, tokenizer, records, cfg.data, di)
         # the run directory is named by what is trained: other data (scales, replay answers) is another run
         tag = "-".join(f"{u}{sets[u].version}" for u in sorted(sets))
-        tag += json.dumps(records, sort_keys=True, default=str) + cfg.data.replay_loss
+        tag += json.dumps(records, sort_keys=True, default=str) + cfg.data.replay_loss + cfg.data.replay_rows
         group_dir = get_workspace().runs / f"refresh-grouped-{hashlib.sha256(tag.encode()).hexdigest()[:10]}"
         if di.is_main:
             print(f"refresh: {len(sets)} users in one pass ({', '.join(sorted(sets))}); base {base[:12]}; "
                   f"run {group_dir}", flush=True)
         weights = train_adapters_grouped(model, tokenizer, records, cfg.lora, cfg.train, group_dir, di,
                                          seq_len=cfg.data.seq_len, packing=cfg.data.packing, init=init or None,
-                                         kl_target=_kl_target(cfg.data), kl_ce_weight=_kl_ce_weight(cfg.data))
+                                         kl_target=_kl_target(cfg.data), kl_ce_weight=_kl_ce_weight(cfg.data),
+                                         kl_apart=cfg.data.replay_rows == "apart")
 
         # gate and publish each user's adapter, on a fresh copy of the base, one adapter at a time
         if di.is_main:

@@ -43,18 +43,29 @@ def user_records(offset: int) -> list[dict]:
     return policy + replay
 
 
-def test_replay_rows_are_packed_apart(tok):
+def test_replay_rows_are_packed_apart_or_mixed(tok):
     recs = user_records(0)
     rows, kl = pack_user_rows_kl(tok, recs, SEQ, "alice", kl_target="replay")
-    assert kl.dtype == torch.bool and len(kl) == len(rows) and 0 < int(kl.sum()) < len(rows)
-    # the flagged rows hold exactly the replay records: pack those alone and compare
+    assert kl.dtype == torch.bool and kl.shape == rows.input_ids.shape
+    flagged_rows = kl.any(dim=1)
+    assert 0 < int(flagged_rows.sum()) < len(rows)
+    # apart: the flagged rows hold exactly the replay records, every real token of them flagged
     alone = pack_user_rows(tok, [r for r in recs if r["target"] == "replay"], SEQ)
-    torch.testing.assert_close(rows.input_ids[kl], alone.input_ids)
-    torch.testing.assert_close(rows.target_weights[kl], alone.target_weights)
+    torch.testing.assert_close(rows.input_ids[flagged_rows], alone.input_ids)
+    torch.testing.assert_close(rows.target_weights[flagged_rows], alone.target_weights)
+    assert torch.equal(kl[flagged_rows], alone.doc_ids >= 0)
+    # mixed: the plain packing, with the replay records' tokens flagged where they landed
+    mixed, kl_mixed = pack_user_rows_kl(tok, recs, SEQ, "alice", kl_target="replay", apart=False)
+    plain = pack_user_rows(tok, recs, SEQ)
+    torch.testing.assert_close(mixed.input_ids, plain.input_ids)
+    n_replay = sum(len(tok_ids) for tok_ids in (tok(r["prompt"] + r["completion"]).input_ids
+                                               for r in recs if r["target"] == "replay"))
+    assert int(kl_mixed.sum()) == int(kl.sum()) and abs(int(kl_mixed.sum()) - n_replay) <= 2 * 12
+    assert (kl_mixed.any(dim=1) & ~kl_mixed.all(dim=1)).any(), "mixed rows hold both kinds"
     # without a KL target nothing is flagged and the rows are the plain packing
-    plain, none = pack_user_rows_kl(tok, recs, SEQ, "alice")
+    plain2, none = pack_user_rows_kl(tok, recs, SEQ, "alice")
     assert not none.any()
-    torch.testing.assert_close(plain.input_ids, pack_user_rows(tok, recs, SEQ).input_ids)
+    torch.testing.assert_close(plain2.input_ids, plain.input_ids)
 
 
 def test_replay_kl_sum_is_weighted_forward_kl():
@@ -127,20 +138,21 @@ def test_kl_replay_holds_the_adapter_to_the_base(tok, tmp_path, one_thread):
         assert learned > 0.01, f"{user}: the policy rows must still train the adapter ({learned:.4f})"
 
 
-def test_grouped_kl_equals_single_peft_run(tok, tmp_path, one_thread):
+@pytest.mark.parametrize("apart", [True, False], ids=["apart", "mixed"])
+def test_grouped_kl_equals_single_peft_run(tok, tmp_path, one_thread, apart):
     """One user's KL-replay adapter: the grouped pass == the refresh's single-user PEFT path."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     recs = user_records(0)
     model = load_model("tiny-llama")
     grouped = train_adapters_grouped(model, tok, {"alice": recs}, LORA, cfg(), tmp_path / "g", seq_len=SEQ,
-                                     kl_target="replay")["alice"]
+                                     kl_target="replay", kl_apart=apart)["alice"]
 
-    rows, kl_rows = pack_user_rows_kl(tok, recs, SEQ, "alice", kl_target="replay")
+    rows, kl_rows = pack_user_rows_kl(tok, recs, SEQ, "alice", kl_target="replay", apart=apart)
     init = initial_adapter_weights(model, LORA, "alice", seed=0)
     peft_model = get_peft_model(load_model("tiny-llama"), LoraConfig(**LORA.peft_config()))
     set_peft_model_state_dict(peft_model, init)
     train(AdapterLoss(peft_model), rows, cfg(), tmp_path / "s", DistInfo(),
-          prepare_batch=lambda b, _s: {**b, "kl_row": kl_rows[b["row_index"]]})
+          prepare_batch=lambda b, _s: {**b, "kl_token": kl_rows[b["row_index"]]})
     single = get_peft_model_state_dict(peft_model)
     moved = max(float((single[k] - init[k]).abs().max()) for k in single)
     assert moved > 1e-2
