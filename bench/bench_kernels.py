@@ -268,6 +268,23 @@ def _run_variants(variants: list[str], title: str, device: str, quick: bool, rep
     return results
 
 
+def _vs_naive(results: dict, naive_name: str, grad_hidden: bool = False) -> dict:
+    """Each variant's peak memory and time over the naive path's, and how far its loss (and, with
+    ``grad_hidden``, its d loss / d hidden norm) is from the naive one."""
+    naive, ratios = results.get(naive_name, {}), {}
+    for name, r in results.items():
+        if name != naive_name and "peak_mib" in r and "peak_mib" in naive:
+            ratios[f"{name}_vs_naive"] = {
+                "memory": round(r["peak_mib"] / naive["peak_mib"], 3),
+                "time": round(r["time_s"] / naive["time_s"], 3),
+                "loss_rel_diff": abs(r["loss_per_token"] / naive["loss_per_token"] - 1),
+            }
+            if grad_hidden:
+                ratios[f"{name}_vs_naive"]["grad_hidden_norm_rel_diff"] = abs(
+                    r["grad_hidden_norm"] / naive["grad_hidden_norm"] - 1)
+    return ratios
+
+
 def bench_ce_frozen(device: str, quick: bool, repeats: int, progress) -> dict:
     """(e) mean cross-entropy over the lm_head with the lm_head frozen (every LoRA run): the lean
     chunked path (d loss / d hidden made in forward) vs full logits + F.cross_entropy vs Liger's
@@ -279,15 +296,7 @@ def bench_ce_frozen(device: str, quick: bool, repeats: int, progress) -> dict:
     results = _run_variants(variants, "(e) linear CE, frozen lm_head", device, quick, repeats, progress)
     out = {"shape": shape, "loss": "mean cross-entropy, lm_head frozen (grad to hidden only)", "variants": results,
            "ratios": {}}
-    naive = results.get("ce_naive", {})
-    for name, r in results.items():
-        if name != "ce_naive" and "peak_mib" in r and "peak_mib" in naive:
-            out["ratios"][f"{name}_vs_naive"] = {
-                "memory": round(r["peak_mib"] / naive["peak_mib"], 3),
-                "time": round(r["time_s"] / naive["time_s"], 3),
-                "loss_rel_diff": abs(r["loss_per_token"] / naive["loss_per_token"] - 1),
-                "grad_hidden_norm_rel_diff": abs(r["grad_hidden_norm"] / naive["grad_hidden_norm"] - 1),
-            }
+    out["ratios"] = _vs_naive(results, "ce_naive", grad_hidden=True)
     ours, liger = results.get("ce_chunked", {}), results.get("ce_liger", {})
     if "time_s" in ours and "time_s" in liger:
         out["ratios"]["ce_chunked_vs_liger"] = {"memory": round(ours["peak_mib"] / liger["peak_mib"], 3),
@@ -300,14 +309,7 @@ def bench_linear(device: str, quick: bool, repeats: int, progress) -> dict:
     variants = ["naive", "chunked", "liger"] + (["triton", "liger_fused"] if device == "cuda" else [])
     results = _run_variants(variants, "(a) linear JSD", device, quick, repeats, progress)
     out = {"shape": shape, "loss": "generalized JSD, beta=0.5, T=1", "variants": results, "ratios": {}}
-    naive = results.get("naive", {})
-    for name, r in results.items():
-        if name != "naive" and "peak_mib" in r and "peak_mib" in naive:
-            out["ratios"][f"{name}_vs_naive"] = {
-                "memory": round(r["peak_mib"] / naive["peak_mib"], 3),
-                "time": round(r["time_s"] / naive["time_s"], 3),
-                "loss_rel_diff": abs(r["loss_per_token"] / naive["loss_per_token"] - 1),
-            }
+    out["ratios"] = _vs_naive(results, "naive")
     lean = out["ratios"].get("chunked_vs_naive")
     if lean:
         out["targets"] = {

@@ -34,6 +34,7 @@ How it works, and why each user's result equals (within float noise) a single-us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -50,14 +51,13 @@ from ..kernels import (
     MultiLoRALinear,
     TeacherDense,
     apply_multi_lora,
-    linear_cross_entropy,
     linear_distill_loss,
 )
 from ..train import checkpoint
 from ..train.config import CogcoreError
 from ..train.data import BatchPlan, Document, PackedRows, make_batch, pack, tokenize_record
 from ..train.distributed import DistInfo
-from ..train.lm import decoder_hidden, output_weight
+from ..train.lm import causal_ce_sum, decoder_hidden, output_weight
 from ..train.loop import TrainConfig, train
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM (get_peft_model_state_dict)
@@ -167,16 +167,17 @@ def replay_kl_sum(hidden: Tensor, base_hidden: Tensor, weight: Tensor, target_we
                                ce_weight=ce_weight, targets=targets, chunk_size=chunk_size)
 
 
-def causal_ce_sum(hidden: Tensor, weight: Tensor, target_ids: Tensor, target_weights: Tensor,
-                  chunk_size: int = 1024) -> Tensor:
-    """sum_i w_i * CE_i over the tokens with w_i > 0 (zero, with a graph, when there are none)."""
-    w = target_weights.reshape(-1)
-    keep = w > 0
-    if not bool(keep.any()):
-        return hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()
-    H = hidden.shape[-1]
-    return linear_cross_entropy(hidden.reshape(-1, H)[keep], weight, target_ids.reshape(-1)[keep], w[keep],
-                                chunk_size=chunk_size)
+def base_hidden_for_kl(model: nn.Module, batch: dict, adapter_off=contextlib.nullcontext) -> Tensor | None:
+    """The base's final hidden states (no adapter, no grad) of the batch's rows that hold a KL
+    token (``batch["kl_token"]``), in order; None when there is none. ``adapter_off()`` is the
+    context in which ``model`` runs as the plain base (a PEFT model's ``disable_adapter``; a
+    MultiLoRA patch with no adapter index set is the base already)."""
+    kl_token = batch.get("kl_token")
+    if kl_token is None or not bool(kl_token.any()):
+        return None
+    has = kl_token.any(dim=1)
+    with torch.no_grad(), adapter_off():
+        return decoder_hidden(model, {k: batch[k][has] for k in ("input_ids", "position_ids")})
 
 
 def rows_loss_sum(hidden: Tensor, base_hidden: Tensor | None, kl_tok: Tensor | None, weight: Tensor,
@@ -258,11 +259,7 @@ class GroupedLoss(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         kl_token = batch.get("kl_token")
-        base_hidden = None
-        if kl_token is not None and bool(kl_token.any()):  # the base's view of rows with KL tokens: no adapter, no grad
-            with torch.no_grad():
-                has = kl_token.any(dim=1)
-                base_hidden = decoder_hidden(self.model, {k: batch[k][has] for k in ("input_ids", "position_ids")})
+        base_hidden = base_hidden_for_kl(self.model, batch)  # before routing: no adapter index = the base
         self.patch.set_adapter_index(batch["adapter_index"])  # one adapter per row (sequence)
         try:
             hidden = decoder_hidden(self.model, batch)  # (B, T, H)
@@ -492,6 +489,7 @@ __all__ = [
     "GroupedLoss",
     "LoraShape",
     "adapter_state_dict",
+    "base_hidden_for_kl",
     "initial_adapter_weights",
     "pack_user_rows",
     "pack_user_rows_kl",

@@ -36,7 +36,7 @@ from cogcore.train.model import ModelSpec, base_hash, load_model, load_tokenizer
 from cogcore.train.workspace import get_workspace
 
 from .gate import GateConfig, gate, gate_table, heldout_records, other_users_heldout
-from .grouped import pack_user_rows_kl, rows_loss_sum, train_adapters_grouped
+from .grouped import base_hidden_for_kl, pack_user_rows_kl, rows_loss_sum, train_adapters_grouped
 from .registry import AdapterArtifact, AdapterRegistry, check_user
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -149,7 +149,7 @@ def _kl_ce_weight(data: RefreshData) -> float:
 
 
 class AdapterLoss(nn.Module):
-    """The refresh objective on a PEFT model: weighted cross-entropy, except on the rows flagged
+    """The refresh objective on a PEFT model: weighted cross-entropy, except on the tokens flagged
     ``kl_token`` (replay, with ``data.replay_loss=kl``), where the adapter's next-token distribution
     is pulled to the base's (the same model with its adapter disabled)."""
 
@@ -160,14 +160,9 @@ class AdapterLoss(nn.Module):
         self.kl_ce_weight = kl_ce_weight
 
     def forward(self, batch: dict) -> dict:
-        kl_token = batch.get("kl_token")
-        base_hidden = None
-        if kl_token is not None and bool(kl_token.any()):
-            with torch.no_grad(), self.model.disable_adapter():
-                has = kl_token.any(dim=1)
-                base_hidden = decoder_hidden(self.model, {k: batch[k][has] for k in ("input_ids", "position_ids")})
+        base_hidden = base_hidden_for_kl(self.model, batch, self.model.disable_adapter)
         hidden = decoder_hidden(self.model, batch)
-        loss_sum = rows_loss_sum(hidden, base_hidden, kl_token, output_weight(self.model), batch,
+        loss_sum = rows_loss_sum(hidden, base_hidden, batch.get("kl_token"), output_weight(self.model), batch,
                                  chunk_size=self.chunk_size, kl_ce_weight=self.kl_ce_weight)
         return {"loss_sum": loss_sum, "weight": batch["target_weights"].sum()}
 

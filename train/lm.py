@@ -31,12 +31,21 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, batch: dict) -> dict:
-        from ..kernels import linear_cross_entropy
         hidden = decoder_hidden(self.model, batch)
-        H = hidden.shape[-1]
-        weights = batch["target_weights"].reshape(-1)
-        keep = weights > 0  # only positions that carry loss go through the lm_head
-        loss_sum = linear_cross_entropy(hidden.reshape(-1, H)[keep], output_weight(self.model),
-                                        batch["target_ids"].reshape(-1)[keep], weights[keep],
-                                        chunk_size=self.chunk_size)
-        return {"loss_sum": loss_sum, "weight": weights.sum()}
+        loss_sum = causal_ce_sum(hidden, output_weight(self.model), batch["target_ids"], batch["target_weights"],
+                                 self.chunk_size)
+        return {"loss_sum": loss_sum, "weight": batch["target_weights"].reshape(-1).sum()}
+
+
+def causal_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor,
+                  target_weights: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """sum_i w_i * CE_i over the tokens with w_i > 0, from final hidden states and the lm_head
+    weight; only positions that carry loss go through the lm_head (zero, with a graph, if none)."""
+    from ..kernels import linear_cross_entropy
+    w = target_weights.reshape(-1)
+    keep = w > 0
+    if not bool(keep.any()):
+        return hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum()
+    H = hidden.shape[-1]
+    return linear_cross_entropy(hidden.reshape(-1, H)[keep], weight, target_ids.reshape(-1)[keep], w[keep],
+                                chunk_size=chunk_size)
