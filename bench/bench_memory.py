@@ -287,6 +287,55 @@ HELDOUT_JUNK = [
     "I am a bot, this action was performed automatically", "Watch till the end", "Rate this 1-10 in the comments",
     "Stream {name}'s new album NOW", "Unpopular opinion: {product}s are overrated, fight me",
 ]
+# Held-out sets, third version: written (and committed) before the junk classifier existed; the
+# classifier never trains on them and no rule or setting was changed after seeing its score on them.
+# New kinds of junk (social filler, ads, scams, self-promotion, bot output, test strings, stutter, mash,
+# off-topic opinions) and good exchanges from domains no other set has (IT helpdesk, banking, health,
+# gardening, cars, SQL, git, tool calls, e-mail drafting), including good ones that talk about junk.
+HELDOUT3_JUNK = [
+    "lmaooo I can't", "sending good vibes to everyone reading this", "omw", "brb gotta feed the cat",
+    "what a time to be alive", "not me reading this at 3am", "we been knew", "the way I screamed", "I felt that",
+    "Exclusive deal: 70% off all sneakers this weekend only", "Try our new energy drink, now with zero sugar!",
+    "Get 3 months of premium for free with code SAVE3", "Lose 10 pounds in 10 days with this detox tea",
+    "Shop the summer collection at our online store today",
+    "Your Netflix account is suspended, update your payment details now",
+    "Congrats {name}! Your number was picked in our lottery", "Urgent: your tax refund is pending, confirm your bank info",
+    "I am a prince and I need your help moving $4.5M", "Investment opportunity: 30% monthly returns guaranteed",
+    "New video is up on my channel, go watch it", "Join my Discord server for daily giveaways",
+    "Use my referral link to get a bonus", "This message was automatically generated, do not reply",
+    "Error 500: internal server error", "undefined", "null", "[object Object]", "{{{{response}}}}", "Message deleted",
+    "This content is unavailable", "asdf", "testing 1 2 3 testing", "foo bar baz", "placeholder text goes here",
+    "I mean I mean I mean", "so so so so good", "yes. yes. yes. yes.", "blah blah blah", "hmmmmmm", "?!?!",
+    "hjkhjkhjk", "qweqweqwe", "I hate Mondays so much ugh", "can't even right now", "pineapple on pizza is a crime",
+    "cats are better than dogs, change my mind",
+]
+GOOD_HELDOUT_TEMPLATES = [
+    ("My laptop won't connect to the office VPN since this morning.",
+     "Sign out of the VPN client and back in with badge number {n}; if it still fails I will reset your token."),
+    ("What is the fee for an international transfer of {amt} euros?",
+     "Transfers abroad cost 0.5% with a minimum of 2 euros; the app shows the exact fee before you confirm."),
+    ("Can I move my dentist appointment from {date} to next week?", "reschedule(appointment={n}, week='next')"),
+    ("My tomato leaves are turning yellow at the bottom.",
+     "That is often too much water; let the top 3 cm of soil dry out before watering again."),
+    ("The check-engine light came on right after I filled up.",
+     "A loose fuel cap often does that; tighten it until it clicks and the light should go off after a few drives."),
+    ("How do I count orders per customer in SQL?", "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id;"),
+    ("I committed to the wrong branch, how do I move the commit?",
+     "Switch to the right branch, run git cherry-pick 3f2a91c, then go back and git reset --hard HEAD~1."),
+    ("That worked, thanks a lot.", "Great, I will close ticket {n} then."),
+    ("Cancel my 7am alarm tomorrow.", "alarms.delete(time='07:00', day='tomorrow')"),
+    ("What's the weather in {city} this weekend?", "get_forecast(city='{city}', days=['Sat', 'Sun'])"),
+    ("Write a short note telling the team the standup moves to 10:30.",
+     "Hi all, from Monday the standup starts at 10:30 instead of 10:00. Same room, same link."),
+    ("Is 91 a prime number?", "No: 91 = 7 x 13."),
+    ("How many rest days should I take when I start running?",
+     "Run every other day for the first month so your joints can adapt, then add a fourth day."),
+    ("Summarise this complaint in one sentence.",
+     "The customer was charged twice for order {n} and wants one of the charges refunded."),
+    ("How do I unsubscribe from your marketing emails?", "unsubscribe(email='{email}', lists=['marketing'])"),
+    ("I got an email saying I won a prize and must pay a fee. Is it a scam?",
+     "Yes, that is phishing: we never ask for fees or card details by email. Delete it and do not click the link."),
+]
 EMOJI = ["🔥", "😂", "💯", "🚀", "😭", "👇", "🙌", "💀", "✨"]
 
 
