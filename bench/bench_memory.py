@@ -226,67 +226,9 @@ def bench_consolidation(work: Path, model: str, users: int, per_user: int) -> di
 
 # ----------------------------------------------------------------------------- (c) junk gate
 
-GOOD_TEMPLATES = [
-    ("I'd like to return the {product} I bought on {date}; it stopped working.",
-     "I've started a return for order {n}; a prepaid label is on its way to {email}."),
-    ("Where is my parcel? The tracking page has not changed since {date}.", "lookup_order({n})"),
-    ("The {product} arrived with a cracked screen.", "refund(order={n}, amount={amt})"),
-    ("Can I change the delivery date for order {n}?", "Yes, order {n} can now arrive on {date}; I updated it."),
-    ("How do I read a CSV file in Python without loading it all into memory?",
-     "Use csv.reader on the open file and iterate row by row; each row is a list of strings."),
-    ("My script says KeyError: '{key}' when I parse the config.",
-     "The config has no '{key}' entry; use cfg.get('{key}', default) or add the key to the file."),
-    ("What can I use instead of buttermilk in pancakes?",
-     "Stir one tablespoon of lemon juice into a cup of milk and let it sit for five minutes."),
-    ("How long should I roast a {kg} kg chicken?", "At 200 °C, about {mins} minutes; check that the thigh reaches 75 °C."),
-    ("Book a table for two at {time} on Friday near the station.",
-     "search_restaurants(city='{city}', party=2, time='{time}')"),
-    ("Find me a train from {city} to Paris tomorrow morning.",
-     "The 08:{mm} train from {city} arrives in Paris at 11:{mm2}; shall I reserve a seat?"),
-    ("Why is the derivative of x squared equal to 2x?",
-     "Expand (x+h)^2 - x^2, divide by h and let h go to zero: you are left with 2x."),
-    ("What is {a} times {b}?", "{a} x {b} = {c}."),
-    ("Thanks, that fixed it!", "Glad it works now. Anything else I can help with?"),
-    ("Is order {n} shipped yet?", "Yes, order {n} shipped today."),
-    ("Please cancel my {product} order.", "Done! Order {n} is cancelled and you will not be charged."),
-    ("Can you summarise the meeting notes?",
-     "Three decisions: ship v2 on {date}, hire one more tester, and move the review to Thursdays."),
-]
-PRODUCTS = ["kettle", "laptop stand", "rain jacket", "coffee grinder", "desk lamp", "phone case", "router", "blender"]
-CITIES = ["Lyon", "Brussels", "Geneva", "Lille", "Cologne", "Basel"]
+# The labelled sets the rules were written against and the classifier learns from live in
+# cogcore/memory/junk_examples.py (GOOD_TEMPLATES, RULE_DEV_JUNK, DEV2_JUNK, DEV3_JUNK).
 
-# Held-out junk, first version: written for this benchmark against the rules as first committed and run
-# once (0.67 of 200 planted episodes removed; see notes/memory.md). The rules were then improved while
-# looking at these, so they are development data now ("junk_dev2").
-DEV2_JUNK = [
-    "first", "frist!", "bump", "bumping this", "^^^ this", "who else is here in {year}?", "{name} did it again",
-    "nice post! visit my profile for more", "Earn passive income with crypto, DM for details",
-    "follow back? f4f", "I'm literally crying rn", "this. just this.", "ratio + L + you fell off",
-    "POV: you just realized it's Monday", "no because why is this so true", "hahahaha yes", "...", "??", "k",
-    "Hot singles in your area are waiting for you", "Get rich quick: the one trick banks don't want you to know",
-    "Subscribe to my newsletter for exclusive drops", "I I I don't know know", "The the the the best best product",
-    "Buy cheap watches online best price cheap watches discount watches cheap", "Hello dear, I am Mrs. {name} from "
-    "the bank, kindly send your details to claim the inheritance", "Read more at example dot com slash deal",
-    "qwertyuiop", "jfjfjfjfjf", "Great question! Great question! Great question!", "[Agent Name] will reply within "
-    "[X] hours.", "u up?", "idk lol whatever works", "same tbh", "this is the way", "Sent from my iPhone",
-    "Limited stock!! Grab yours before it's gone", "cool story bro", "Wow. Just wow.", "me when the {product} lol",
-]
-# Held-out junk, second version: written after the rules were changed for DEV2_JUNK and frozen
-# again; not used to change any rule.
-HELDOUT_JUNK = [
-    "Hey guys, welcome back to my channel", "Respectfully, this ain't it chief", "can't stop won't stop", "🙏🙏",
-    "👀", "ty ty", "gm", "gm fam", "wagmi, to the moon", "Send 0.1 ETH to this wallet and receive 1 ETH back",
-    "Your package could not be delivered, confirm your address at parcel-redelivery.co",
-    "Act fast, only 3 left in stock", "I make $8000 a month from home, ask me how",
-    "this comment section is a mess", "who asked", "Based.", "real", "Top 10 reasons why you should care "
-    "(number 7 will shock you)", "Ok ok ok ok", "nah nah nah that's crazy", "asdkjaslkdj", "zzzzzz", "mmhmm",
-    ".......", "Hi {name}, we noticed unusual activity. Verify your account here", "Reply STOP to unsubscribe",
-    "Best {product} best {product} best {product} deals", "Thank you thank you thank you so much",
-    "Please please please answer", "Agent: Customer: Agent: Customer:", "<insert answer here>",
-    "TODO: write response", "N/A", "test test 123", "The quick brown fox jumps over the lazy dog",
-    "I am a bot, this action was performed automatically", "Watch till the end", "Rate this 1-10 in the comments",
-    "Stream {name}'s new album NOW", "Unpopular opinion: {product}s are overrated, fight me",
-]
 # Held-out sets, third version: written (and committed) before the junk classifier existed; the
 # classifier never trains on them and no rule or setting was changed after seeing its score on them.
 # New kinds of junk (social filler, ads, scams, self-promotion, bot output, test strings, stutter, mash,
@@ -336,68 +278,34 @@ GOOD_HELDOUT_TEMPLATES = [
     ("I got an email saying I won a prize and must pay a fee. Is it a scam?",
      "Yes, that is phishing: we never ask for fees or card details by email. Delete it and do not click the link."),
 ]
-EMOJI = ["🔥", "😂", "💯", "🚀", "😭", "👇", "🙌", "💀", "✨"]
-
-
-def _fill(t: str, rng: random.Random) -> str:
-    a, b = rng.randint(2, 40), rng.randint(2, 40)
-    return t.format(product=rng.choice(PRODUCTS), date=f"{rng.randint(1, 28)} {rng.choice(['May', 'June', 'July'])}",
-                    n=rng.randint(1000, 99999), email=f"{rng.choice(['ana', 'li', 'sam'])}@example.com",
-                    amt=f"{rng.randint(5, 300)}.{rng.randint(0, 99):02d}", key=rng.choice(["port", "host", "token"]),
-                    kg=rng.choice(["1.5", "2", "2.5"]), mins=rng.choice([70, 80, 90, 100]), time=f"{rng.randint(18, 21)}:00",
-                    city=rng.choice(CITIES), mm=f"{rng.randint(0, 59):02d}", mm2=f"{rng.randint(0, 59):02d}",
-                    a=a, b=b, c=a * b, year=rng.choice([2023, 2024, 2025]), name=rng.choice(["Jake", "Mia", "Obi"]))
-
-
-def _vary_junk(t: str, rng: random.Random, fill: bool = True) -> str:
-    """Random casing, trailing emoji and punctuation: the same junk written a hundred ways."""
-    t = _fill(t, rng) if fill else t
-    r = rng.random()
-    if r < 0.2:
-        t = t.upper()
-    elif r < 0.4:
-        t = t.lower()
-    if rng.random() < 0.4:
-        t += " " + rng.choice(EMOJI) * rng.randint(1, 3)
-    if rng.random() < 0.3:
-        t += rng.choice(["!", "!!", "?", " :)", " lmao"])
-    return t
-
-
-def docstring_sentences(n: int, rng: random.Random) -> list[str]:
-    import re
-
-    from cogcore.train.data import builtin_records
-    out = []
-    for rec in builtin_records("stdlib-docs", 10_000, 0):
-        first = re.split(r"(?<=[.!?])\s", " ".join(rec["text"].split()), maxsplit=1)[0]
-        if len(first.split()) >= 5 and len(first) <= 300:
-            out.append(first)
-    rng.shuffle(out)
-    return out[:n]
-
-
-def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100) -> dict:
-    import importlib.util
-
+def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
+               classifier: bool = False, classifier_episodes: int = 250) -> dict:
     from cogcore.memory.junk import judge_episode
+    from cogcore.memory.junk_examples import (
+        DEV2_JUNK,
+        DEV3_JUNK,
+        GOOD_TEMPLATES,
+        RULE_DEV_JUNK,
+        docstring_sentences,
+        fill,
+        vary_junk,
+    )
     rng = random.Random(3)
-    spec = importlib.util.spec_from_file_location(
-        "dev_junk", Path(__file__).resolve().parents[1] / "tests" / "memory" / "test_junk.py")
-    dev_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev_module)
-    dev_junk = [t for texts in dev_module.JUNK.values() for t in texts]
-
-    contexts = [_fill(c, rng) for c, _ in GOOD_TEMPLATES]
+    dev_junk = [t for texts in RULE_DEV_JUNK.values() for t in texts]
+    contexts = [fill(c, rng) for c, _ in GOOD_TEMPLATES]
+    docs = docstring_sentences("test")
+    rng.shuffle(docs)
     sets: dict[str, list[list[str]]] = {
-        "good_templates": [[_fill(c, rng), _fill(a, rng)] for c, a in (rng.choice(GOOD_TEMPLATES) for _ in range(n_good))],
-        "good_docstrings": [["Explain what this part of the Python documentation says.", s]
-                            for s in docstring_sentences(n_good, rng)],
-        "junk_dev": [[rng.choice(contexts), _vary_junk(rng.choice(dev_junk), rng, fill=False)] for _ in range(n_junk)],
-        "junk_dev2": [[rng.choice(contexts), _vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
+        "good_templates": [[fill(c, rng), fill(a, rng)] for c, a in (rng.choice(GOOD_TEMPLATES) for _ in range(n_good))],
+        "good_docstrings": [["Explain what this part of the Python documentation says.", s] for s in docs[:n_good]],
+        "good_heldout": [[fill(c, rng), fill(a, rng)]
+                         for c, a in (rng.choice(GOOD_HELDOUT_TEMPLATES) for _ in range(n_good))],
+        "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
+        "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
+        "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
         # held-out junk as the agent's action, and (one in three) as the user's whole request
         "junk_heldout": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
-                         for i, j in enumerate(_vary_junk(rng.choice(HELDOUT_JUNK), rng) for _ in range(n_junk))],
+                         for i, j in enumerate(vary_junk(rng.choice(HELDOUT3_JUNK), rng) for _ in range(n_junk))],
     }
     result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
     verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
@@ -407,27 +315,78 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
         for rule, _ in flagged:
             by_rule[rule] = by_rule.get(rule, 0) + 1
         is_junk = name.startswith("junk")
-        misses = [ep[1] if ep[1] != "Could you tell me more about what you need?" else ep[0]
-                  for ep, v in zip(eps, verdicts[name]) if bool(v) != is_junk]
+        misses = [_junk_text(ep) for ep, v in zip(eps, verdicts[name]) if bool(v) != is_junk]
         share = len(flagged) / len(eps)
         result["heuristics"][name] = {
             "removed" if is_junk else "kept": round(share if is_junk else 1 - share, 4), "by_rule": by_rule,
             "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(misses))[:12]}
-    # the headline: held-out junk against both good sets (dev junk only shows the rules do what they were written for)
+    # the headline: held-out junk against the good sets nothing was fitted on (dev junk only shows the
+    # rules do what they were written for)
     junk = verdicts["junk_heldout"]
-    good = verdicts["good_templates"] + verdicts["good_docstrings"]
+    good = verdicts["good_docstrings"] + verdicts["good_heldout"]
     tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
     result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
-                                        "good_kept": round(1 - fp / len(good), 4),
+                                        "heldout_good_kept": round(1 - fp / len(good), 4),
                                         "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
     h = result["heuristics"]
     for name in sets:
         key = "removed" if name.startswith("junk") else "kept"
         print(f"  junk gate  {name:<16} {key} {h[name][key]:.3f}", flush=True)
 
+    if classifier:
+        result["with_classifier"] = _classifier_score(sets, verdicts, model, classifier_episodes)
     if model_score:
         result["with_model_score"] = _model_score(sets, verdicts, model, model_score_episodes, rng)
     return result
+
+
+def _junk_text(ep: list[str]) -> str:
+    """The planted text of an episode: the action, or the request when the junk is the request."""
+    return ep[1] if ep[1] != "Could you tell me more about what you need?" else ep[0]
+
+
+def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
+    """The junk classifier as consolidation runs it (``junk_classifier=true``): trained from scratch on
+    cogcore/memory/junk_examples.py (timed), then an episode is dropped when its request or action
+    scores above the threshold; on the first ``per_set`` episodes of each set."""
+    from cogcore.memory.junk_classifier import JunkClassifier
+    from cogcore.memory.junk_examples import training_texts
+    from cogcore.train.model import load_model, load_tokenizer
+    tok, core = load_tokenizer(model), load_model(model).eval()
+    texts, labels = training_texts(0)
+    t = time.perf_counter()
+    clf = JunkClassifier.train(core, tok, texts, labels, progress=True)
+    train_s = time.perf_counter() - t
+    unique = sorted({text for eps in sets.values() for ep in eps[:per_set] for text in ep})
+    t = time.perf_counter()
+    prob = dict(zip(unique, clf.probabilities(core, tok, unique, progress="junk classifier: scoring")))
+    score_s = time.perf_counter() - t
+    out = {"model": model, "threshold": clf.threshold, "trained_on": {"junk": clf.info["n_junk"], "good": clf.info["n_good"]},
+           "train_accuracy": clf.info["train_accuracy"], "train_seconds": round(train_s, 1),
+           "scoring_seconds": round(score_s, 1), "texts_scored": len(unique),
+           "texts_per_s": round(len(unique) / score_s, 1), "episodes_per_set": per_set,
+           "in_training": "good_templates' templates, the train half of the docstring sentences (good_docstrings "
+                          "is the test half), junk_dev, junk_dev2, junk_dev3; not good_heldout, not junk_heldout"}
+    both: dict[str, list[bool]] = {}
+    for name, eps in sets.items():
+        eps, heur = eps[:per_set], [bool(v) for v in verdicts[name][:per_set]]
+        clf_says = [max(prob[text] for text in ep) > clf.threshold for ep in eps]
+        both[name] = [h or c for h, c in zip(heur, clf_says)]
+        is_junk = name.startswith("junk")
+        key = "removed" if is_junk else "kept"
+        share = functools.partial(_share, key=key)
+        wrong = [_junk_text(ep) if is_junk else ep[1] for ep, d in zip(eps, both[name]) if d != is_junk]
+        out[name] = {key: share(both[name]), f"heuristics_alone_{key}": share(heur),
+                     f"classifier_alone_{key}": share(clf_says), "evaluated_on": len(eps),
+                     "dropped_by_classifier_only": sum(c and not h for h, c in zip(heur, clf_says)),
+                     "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(wrong))[:12]}
+        print(f"  + junk classifier ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
+              f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}", flush=True)
+    junk, good = both["junk_heldout"], both["good_docstrings"] + both["good_heldout"]
+    tp, fp = sum(junk), sum(good)
+    out["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
+                       "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
+    return out
 
 
 def _share(dropped: list[bool], key: str) -> float:
@@ -499,17 +458,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-score", action="store_true", help="also run the model scores: perplexity and relevance "
                                                                 "(slow on CPU)")
     ap.add_argument("--model-score-episodes", type=int, default=100, help="episodes per set scored by the model")
+    ap.add_argument("--classifier", action="store_true", help="also train the junk classifier under --model and "
+                                                               "score the sets with it (a few minutes on CPU)")
+    ap.add_argument("--classifier-episodes", type=int, default=250, help="episodes per set scored by the classifier")
+    ap.add_argument("--only", choices=["ingest", "consolidation", "junk"], action="append",
+                    help="run only these parts (repeatable; default: all)")
     ap.add_argument("--out", default="bench/results/memory.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cogcore-bench-memory-"))
     result = {"what": "experience log ingest vs plain JSONL append; consolidation time; junk gate on a planted mix",
               "settings": vars(args), "machine": machine(), "notes": __doc__.split("\n\n")[1].strip()}
-    print("== ingest", flush=True)
-    result["ingest"] = bench_ingest(work, args.events, args.repeats)
-    print("== consolidation", flush=True)
-    result["consolidation"] = bench_consolidation(work, args.model, args.users, args.events_per_user)
-    print("== junk gate", flush=True)
-    result["junk_gate"] = bench_junk(args.good, args.junk, args.model_score, args.model, args.model_score_episodes)
+    parts = args.only or ["ingest", "consolidation", "junk"]
+    if "ingest" in parts:
+        print("== ingest", flush=True)
+        result["ingest"] = bench_ingest(work, args.events, args.repeats)
+    if "consolidation" in parts:
+        print("== consolidation", flush=True)
+        result["consolidation"] = bench_consolidation(work, args.model, args.users, args.events_per_user)
+    if "junk" in parts:
+        print("== junk gate", flush=True)
+        result["junk_gate"] = bench_junk(args.good, args.junk, args.model_score, args.model, args.model_score_episodes,
+                                         args.classifier, args.classifier_episodes)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

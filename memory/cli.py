@@ -7,6 +7,7 @@
     cogcore memory consolidate --user alice [--since T|last] [--seed S] [--model M]
     cogcore memory consolidate --all [--new-only]
     cogcore memory forget --user alice                  # events, quarantine, notes and sets: all gone
+    cogcore memory junk-classifier [--model M] [--examples labels.jsonl] [--score TEXT ...]
 
 Every command takes ``--db URL`` (default: sqlite:///<workspace>/experience/log.sqlite).
 """
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="seed (the config key `seed`)")
     sp.add_argument("--model", help="model for the tokenizer / perplexity / lessons (default smollm2-135m)")
     sp.add_argument("--max-perplexity", type=float, help="turn the model score on with this threshold (0 = off)")
+    sp.add_argument("--junk-classifier", action="store_true", help="also drop what the junk classifier calls junk "
+                                                                   "(the config key `junk_classifier`)")
     sp.add_argument("--replay-share", type=float, help="share of replay rows (the config key `replay_share`)")
     sp.add_argument("--replay-source", help="builtin:chat-arithmetic, builtin:chat-everyday or a records file")
     sp.add_argument("--heldout-fraction", type=float, help="share of successful episodes held out for the gate")
@@ -73,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true", help="print the report(s) as JSON instead of the summary")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="ConsolidateConfig overrides, e.g. world_weight=0.3")
+
+    sp = sub.add_parser("junk-classifier", help="train (or show) the junk classifier of a core model and score texts",
+                        description="The junk gate's classifier: a logistic regression over the core's hidden states, "
+                                    "trained on cogcore's labelled junk and good texts (plus yours with --examples), "
+                                    "kept in <workspace>/experience/junk-classifier per base model.")
+    sp.add_argument("--model", default="smollm2-135m", help="the core model (default smollm2-135m)")
+    sp.add_argument("--examples", metavar="FILE.jsonl", help='your own labels, one {"text": ..., "junk": true|false} '
+                                                            "per line, added to the built-in ones (retrains)")
+    sp.add_argument("--retrain", action="store_true", help="train again even if one exists")
+    sp.add_argument("--score", nargs="+", metavar="TEXT", help="print P(junk) of these texts")
     return p
 
 
@@ -85,6 +98,8 @@ def main(argv: list[str]) -> int:
     if args.action is None:
         parser.print_help()
         return 0
+    if args.action == "junk-classifier":   # needs a model, not the log
+        return _junk_classifier(args)
     from .log import ExperienceLog
     with ExperienceLog.open(args.db) as log:
         return ACTIONS[args.action](log, args)
@@ -173,6 +188,8 @@ def _consolidate(log, args) -> int:
                       ("heldout_fraction", "heldout_fraction"), ("lessons", "lessons"), ("out", "out")]:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    if args.junk_classifier:
+        overrides.append("junk_classifier=true")
     if args.no_progress:
         overrides.append("progress=false")
     cfg = load_config(ConsolidateConfig, args.config, overrides)
@@ -193,6 +210,31 @@ def _consolidate(log, args) -> int:
         rows = sum(s.n_train for s in sets)
         print(f"consolidated {len(sets)} users: {rows} training rows, {sum(s.n_heldout for s in sets)} held out, "
               f"{sum(s.report['junk']['dropped'] for s in sets)} junk episodes dropped")
+    return 0
+
+
+def _junk_classifier(args) -> int:
+    from ..train.model import load_model, load_tokenizer
+    from .junk_classifier import JunkClassifier, default_path
+    from .junk_examples import read_labelled, training_texts
+    model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
+    path = default_path(model.base_hash)
+    if args.retrain or args.examples or not path.is_file():
+        texts, labels = training_texts(0)
+        if args.examples:
+            mine, my_labels = read_labelled(args.examples)
+            texts, labels = texts + mine, labels + my_labels
+        t = time.perf_counter()
+        clf = JunkClassifier.train(model, tok, texts, labels, progress=sys.stderr.isatty())
+        clf.save(path)
+        print(f"trained in {time.perf_counter() - t:.0f}s", end=": ")
+    else:
+        clf = JunkClassifier.load(path, model)
+    i = clf.info
+    print(f"junk classifier of {args.model} (base {i['base_hash'][:12]}) at {path}: {i['n_junk']} junk and "
+          f"{i['n_good']} good texts, training accuracy {i['train_accuracy']:.3f}, threshold {clf.threshold:g}")
+    for text, p in zip(args.score or [], clf.probabilities(model, tok, args.score or [])):
+        print(f"{p:.3f}  {'junk' if p > clf.threshold else 'ok  '}  {text}")
     return 0
 
 

@@ -6,7 +6,7 @@
 Read top to bottom, one run does:
   1. read the user's episodes (optionally only those with events after ``since``);
   2. drop incomplete episodes (no request or no action), junk (named rules in memory/junk.py, plus
-     an optional perplexity score under the core model) and exact / near duplicates;
+     optional model scores under the core: perplexity, relevance, the junk classifier) and exact / near duplicates;
   3. find each episode's outcome: which action worked (a positive reward, the environment's
      ``ok`` flag, or the request's ``check`` regex) and which failed;
   4. draw lessons from failures followed by a success ("Before issuing a refund for the order, ask
@@ -79,6 +79,11 @@ class ConsolidateConfig:
     min_relevance: float = field(-0.44, help="nats per token the request must add to the action's likelihood; the "
                                             "default keeps 99% of the good episodes of bench/bench_memory.py under the "
                                             "embedded model (recalibrate for another model with --model-score)")
+    junk_classifier: bool = field(False, help="drop an episode whose request or an action the junk classifier (a "
+                                              "logistic regression over `model`'s hidden states) scores above "
+                                              "junk_threshold; trained on first use (~2 min on CPU for the "
+                                              "embedded model) and kept in <workspace>/experience/junk-classifier")
+    junk_threshold: float = field(0.5, help="P(junk) above which the junk classifier drops an episode")
     near_duplicate_threshold: float = field(0.85, help="Jaccard similarity of character shingles above which two "
                                                        "episodes are near-duplicates (the later one is dropped)")
     shingle_chars: int = field(5, help="characters per shingle for near-duplicate detection")
@@ -98,6 +103,8 @@ class ConsolidateConfig:
             raise ValueError(f"replay_share={self.replay_share} must be in [0, 1)")
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if not 0 < self.junk_threshold < 1:
+            raise ValueError(f"junk_threshold={self.junk_threshold} must be in (0, 1)")
         if not 0 < self.near_duplicate_threshold <= 1:
             raise ValueError(f"near_duplicate_threshold={self.near_duplicate_threshold} must be in (0, 1]")
         for name in ("policy_weight", "world_weight", "replay_weight", "max_perplexity"):
@@ -430,6 +437,8 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
             kept = _perplexity_gate(kept, cfg, report)
         if cfg.relevance and "relevance" in cfg.junk_rules and kept:
             kept = _relevance_gate(kept, judged, cfg, report)
+        if cfg.junk_classifier and "classifier" in cfg.junk_rules and kept:
+            kept = _classifier_gate(kept, judged, cfg, report)
         report["junk"]["dropped"] = sum(r["count"] for r in report["junk"]["rules"].values())
 
         dedup = Deduplicator(cfg.near_duplicate_threshold, cfg.shingle_chars, cfg.num_perm)
@@ -560,6 +569,25 @@ def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Cons
     for ep, (score, text) in zip(kept, lowest):
         if score < cfg.min_relevance:
             _count(report["junk"]["rules"]["relevance"], f"{_clip(text, 140)} (relevance {score:+.2f})")
+        else:
+            out.append(ep)
+    return out
+
+
+def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
+                     report: dict) -> list[Episode]:
+    """Judged on what the rules judged: the request and the actions a policy would learn from."""
+    from .junk_classifier import load_or_train
+    scorer = _scorer(cfg.model)
+    clf = load_or_train(scorer.model, scorer.tok, progress=cfg.progress)
+    texts = [[t for t in judged[ep.episode_id] if t.strip()] for ep in kept]
+    flat = [t for ts in texts for t in ts]
+    probs = iter(clf.probabilities(scorer.model, scorer.tok, flat, progress="junk classifier" if cfg.progress else ""))
+    out = []
+    for ep, ts in zip(kept, texts):
+        p, text = max(((next(probs), t) for t in ts), default=(0.0, ""))
+        if p > cfg.junk_threshold:
+            _count(report["junk"]["rules"]["classifier"], f"{_clip(text, 140)} (P(junk) {p:.2f})")
         else:
             out.append(ep)
     return out

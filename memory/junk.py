@@ -18,6 +18,9 @@ can say "engagement_bait dropped 12 episodes, for example: ...".
   perplexity       (optional, needs a model) the core model finds the text very unlikely
   relevance        (optional, needs a model) the request does not make the action likelier: an
                    action that would follow any request as well (ads, channel intros, filler)
+  classifier       (optional, needs a model) a logistic regression over the core's hidden states,
+                   trained on labelled junk and good texts, calls the request or an action junk
+                   (memory/junk_classifier.py)
 
 Near-duplicates are found with MinHash LSH (datasketch) over character shingles and confirmed
 with the exact Jaccard similarity of the shingle sets.
@@ -157,7 +160,7 @@ RULES = {
     "templated": templated,
     "low_information": low_information,
 }
-RULE_NAMES = tuple(RULES) + ("perplexity", "relevance")
+RULE_NAMES = tuple(RULES) + ("perplexity", "relevance", "classifier")
 
 
 def junk_rule(text: str, rules=tuple(RULES)) -> str | None:

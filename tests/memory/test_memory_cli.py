@@ -83,3 +83,22 @@ def test_help(cli):
     p = cli("memory", "consolidate", "--help")
     assert p.returncode == 0 and "--since" in p.stdout and "--max-perplexity" in p.stdout
     assert cli("memory", "consolidate").returncode == 2           # --user or --all is required
+
+
+def test_junk_classifier_command_trains_once_scores_and_reports_bad_labels(cli, tmp_path, jsonl):
+    home = tmp_path / "ws"
+    run = lambda *a, **kw: cli("--home", str(home), "memory", "junk-classifier", "--model", "tiny-llama", *a, **kw)  # noqa: E731
+    labels = jsonl(tmp_path / "labels.jsonl", [{"text": "gm fam wagmi", "junk": True},
+                                                {"text": "refund(order=4411, amount=29.99)", "junk": False}])
+    p = run("--examples", str(labels), "--score", "lol ok", "refund(order=1)", check=True)
+    assert "trained in" in p.stdout and "junk classifier of tiny-llama" in p.stdout
+    scores = [line for line in p.stdout.splitlines() if line.endswith(("lol ok", "refund(order=1)"))]
+    assert len(scores) == 2 and all(0 <= float(line.split()[0]) <= 1 for line in scores)
+    saved = list((home / "experience" / "junk-classifier").glob("*.safetensors"))
+    assert len(saved) == 1
+    p = run(check=True)                                                  # kept: loaded, not trained again
+    assert "trained in" not in p.stdout and str(saved[0]) in p.stdout
+
+    bad = jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "junk": True}, {"text": "no label"}])
+    p = run("--examples", str(bad))
+    assert p.returncode != 0 and f"{bad}:2: expected" in p.stderr
