@@ -278,6 +278,50 @@ GOOD_HELDOUT_TEMPLATES = [
     ("I got an email saying I won a prize and must pay a fee. Is it a scam?",
      "Yes, that is phishing: we never ask for fees or card details by email. Delete it and do not click the link."),
 ]
+
+# Held-out sets, fourth version: written (and committed) after the classifier's first run on the third
+# version and before its misses were read; for the final figures of any classifier changed after that run.
+HELDOUT4_JUNK = [
+    "yall are not ready for this", "living my best life rn", "mood", "this >>>", "iykyk", "ate and left no crumbs",
+    "nobody: me at 2am:", "Free shipping on orders over $50, today only!", "Our biggest sale of the year starts NOW",
+    "Get paid to take surveys from your phone", "Meet hot moms near you", "Claim your $1000 gift voucher today",
+    "Dear customer, your parcel is held at customs, pay the fee here", "Your PayPal has been limited, log in to restore",
+    "Hello, I have a business proposal for you, reply for details", "Crypto presale live, 100x guaranteed",
+    "Check my latest reel, link in comments", "Vote for me in the contest please!!", "Giveaway time, repost to enter",
+    "Automatic reply: I am out of the office until Monday", "Traceback (most recent call last):", "NaN", "None",
+    "<br><br><br>", "%s %s %s", "lorem lorem lorem", "aaaaaaaaaa", "lkjlkjlkj", "testing testing", "xyz",
+    "ok so so so so anyway", "wait wait wait wait", "no no no no no no", "omg omg omg", "ugh whatever",
+    "Mondays am I right", "tea is better than coffee and I will die on this hill", "first comment!",
+    "Who's watching in 2026?", "This video changed my life",
+]
+GOOD_HELDOUT2_TEMPLATES = [
+    ("Does my renter's insurance cover a burst pipe?",
+     "Most policies cover sudden water damage to your belongings, not the pipe itself; check section 4 of policy {n}."),
+    ("When is the deadline to register my son for the autumn term?",
+     "Registration for the autumn term closes on {date}; the form is on the school portal under Enrolment."),
+    ("My dog keeps scratching his ears and shaking his head.",
+     "That often means an ear infection; book a vet visit and don't put anything in the ear until then."),
+    ("The bathroom tap drips even when it is fully closed.",
+     "The washer is probably worn; shut the water off under the sink, unscrew the handle and replace the washer."),
+    ("Why are my night photos so blurry?",
+     "The shutter stays open longer in the dark; use a tripod or raise the ISO so the shutter speed gets shorter."),
+    ("hey quick q: how do I drop rows with missing values in pandas?", "df = df.dropna()  # or df.dropna(subset=['price'])"),
+    ("How do I find which process is using port 8080 on Linux?", "Run: sudo lsof -i :8080"),
+    ("In a spreadsheet, how do I add up column B only where column A says 'paid'?", "=SUMIF(A:A, \"paid\", B:B)"),
+    ("What's the difference between 'ser' and 'estar' in Spanish?",
+     "Ser is for lasting traits and identity, estar for states and locations: soy alto, estoy cansado."),
+    ("My payslip for {date} shows no overtime.", "get_timesheet(employee={n}, month='{date}')"),
+    ("Can the landlord raise the rent in the middle of the lease?",
+     "Usually not: the amount is fixed until the lease ends unless the contract has a clause that allows it."),
+    ("Plan a birthday party for ten kids on a small budget.",
+     "Home party, two hours: a treasure hunt, pizza you bake together, and a cake; about {amt} euros in total."),
+    ("How many moles are in 18 grams of water?", "Water is 18 g/mol, so 18 g is 1 mole."),
+    ("Set a reminder to call the plumber at 5.", "reminders.create(text='Call the plumber', time='17:00')"),
+    ("Translate 'where is the train station' into German.", "Wo ist der Bahnhof?"),
+    ("ok thanks, and can you also send me the invoice for order {n}?", "send_invoice(order={n}, to='{email}')"),
+]
+
+
 def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
                classifier: bool = False, classifier_episodes: int = 250) -> dict:
     from cogcore.memory.junk import judge_episode
