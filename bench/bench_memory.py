@@ -342,14 +342,18 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
     sets: dict[str, list[list[str]]] = {
         "good_templates": [[fill(c, rng), fill(a, rng)] for c, a in (rng.choice(GOOD_TEMPLATES) for _ in range(n_good))],
         "good_docstrings": [["Explain what this part of the Python documentation says.", s] for s in docs[:n_good]],
-        "good_heldout": [[fill(c, rng), fill(a, rng)]
-                         for c, a in (rng.choice(GOOD_HELDOUT_TEMPLATES) for _ in range(n_good))],
+        "good_heldout_v1": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT_TEMPLATES) for _ in range(n_good))],
+        "good_heldout_v2": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT2_TEMPLATES) for _ in range(n_good))],
         "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
         "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
         "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
         # held-out junk as the agent's action, and (one in three) as the user's whole request
-        "junk_heldout": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
-                         for i, j in enumerate(vary_junk(rng.choice(HELDOUT3_JUNK), rng) for _ in range(n_junk))],
+        "junk_heldout_v3": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
+                            for i, j in enumerate(vary_junk(rng.choice(HELDOUT3_JUNK), rng) for _ in range(n_junk))],
+        "junk_heldout_v4": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
+                            for i, j in enumerate(vary_junk(rng.choice(HELDOUT4_JUNK), rng) for _ in range(n_junk))],
     }
     result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
     verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
@@ -366,8 +370,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
             "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(misses))[:12]}
     # the headline: held-out junk against the good sets nothing was fitted on (dev junk only shows the
     # rules do what they were written for)
-    junk = verdicts["junk_heldout"]
-    good = verdicts["good_docstrings"] + verdicts["good_heldout"]
+    junk = verdicts["junk_heldout_v4"]
+    good = verdicts["good_docstrings"] + verdicts["good_heldout_v2"]
     tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
     result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
                                         "heldout_good_kept": round(1 - fp / len(good), 4),
@@ -410,7 +414,10 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
            "scoring_seconds": round(score_s, 1), "texts_scored": len(unique),
            "texts_per_s": round(len(unique) / score_s, 1), "episodes_per_set": per_set,
            "in_training": "good_templates' templates, the train half of the docstring sentences (good_docstrings "
-                          "is the test half), junk_dev, junk_dev2, junk_dev3; not good_heldout, not junk_heldout"}
+                          "is the test half), junk_dev, junk_dev2, junk_dev3; never good_heldout_*, junk_heldout_*",
+           "headline_sets": "junk_heldout_v4 against good_docstrings + good_heldout_v2: the sets written before the "
+                            "classifier's first run's misses were read (v1 / v3 were read, then extra good "
+                            "exchanges were added to its training texts)"}
     both: dict[str, list[bool]] = {}
     for name, eps in sets.items():
         eps, heur = eps[:per_set], [bool(v) for v in verdicts[name][:per_set]]
@@ -426,7 +433,7 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
                      "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(wrong))[:12]}
         print(f"  + junk classifier ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
               f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}", flush=True)
-    junk, good = both["junk_heldout"], both["good_docstrings"] + both["good_heldout"]
+    junk, good = both["junk_heldout_v4"], both["good_docstrings"] + both["good_heldout_v2"]
     tp, fp = sum(junk), sum(good)
     out["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
                        "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}

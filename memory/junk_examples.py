@@ -10,6 +10,7 @@ measures both. Where each set comes from:
                   0.59 of it); the classifier trains on it
   GOOD_TEMPLATES  support / coding / cooking / travel / tutoring exchanges, with slots
   GOOD_TEXTS      short good texts that look a little like junk (tool calls, "Yes, refunded.")
+  GOOD_EXCHANGES_EXTRA  everyday exchanges of many kinds, for the classifier only
   stdlib docstrings, the "train" half (`docstring_sentences`): real prose nobody wrote for this
 
 bench/bench_memory.py keeps a third junk set and a set of good exchanges from other domains that
@@ -89,6 +90,61 @@ GOOD_TEMPLATES = [
     ("Can you summarise the meeting notes?",
      "Three decisions: ship v2 on {date}, hire one more tester, and move the review to Thursdays."),
 ]
+# More good exchanges for the classifier only (the rules were never tuned on them): everyday requests
+# and replies of many kinds, short acknowledgements that still say something, casual spelling, tool
+# calls and code. Written after the classifier's first held-out run, which dropped 30% of a good set
+# from other domains (short replies like "Great, I will close ticket 1290 then." looked like chatter).
+GOOD_EXCHANGES_EXTRA = [
+    ("hey can u check where my order {n} is pls", "lookup_order({n})"),
+    ("thx, that's all for today", "You're welcome, have a good evening!"),
+    ("Sorry, wrong order number, it's {n}.", "No problem, I'm looking at order {n} now."),
+    ("Can you resend the confirmation email?", "Sent again to {email}; check the spam folder if it is not there in 5 minutes."),
+    ("I was charged twice for the same {product}.", "I see two charges of {amt}; I've reversed the second one."),
+    ("Is the {product} available in black?", "Yes, the black one is in stock and ships tomorrow."),
+    ("Great, go ahead.", "Done, I've placed the order."),
+    ("Perfect, see you Thursday then.", "See you Thursday at {time}!"),
+    ("Could you move my 3pm meeting to tomorrow?", "calendar.move(event='3pm meeting', to='tomorrow 15:00')"),
+    ("Remind me what we decided about the budget.", "You agreed to keep the budget at {amt} and review it in June."),
+    ("Draft a polite reply declining the invitation.",
+     "Thank you for the kind invitation. Unfortunately I can't make it that day, but I hope it goes well."),
+    ("Make this sentence shorter: we would like to inform you that the office will be closed.",
+     "The office will be closed."),
+    ("What does HTTP 404 mean?", "The server could not find the page you asked for."),
+    ("My phone battery drains really fast since the update.",
+     "Check Settings > Battery for the app using the most; restarting after an update often helps too."),
+    ("How do I reverse a list in JavaScript?", "Use arr.reverse(), or [...arr].reverse() to keep the original."),
+    ("Write a function that checks if a number is even.", "def is_even(n):\n    return n % 2 == 0"),
+    ("Why does my loop never end?", "The counter is never increased inside the loop; add i += 1 at the end of the body."),
+    ("What's a good beginner book about astronomy?",
+     "Try a star atlas for beginners together with a small pair of binoculars; start with the Moon and Jupiter."),
+    ("Why is the sky blue?", "Air scatters blue light more than red light, so blue reaches your eyes from every direction."),
+    ("Who built the first steam locomotive?", "Richard Trevithick ran the first working steam locomotive in 1804."),
+    ("How much water should I drink a day?", "About two litres for most adults, more when it is hot or you exercise."),
+    ("Give me a 20 minute workout without equipment.",
+     "Four rounds: 10 squats, 10 push-ups, 20 lunges, 30 seconds of plank, one minute rest."),
+    ("What can I cook with rice, eggs and spinach?", "Fried rice: scramble the eggs, add the rice and spinach, season with soy sauce."),
+    ("Is it cheaper to fly or take the train to {city}?",
+     "The train costs about {amt} and takes longer; flights are cheaper only if you book weeks ahead."),
+    ("How do I split a bill of {amt} between 3 people?", "Divide {amt} by 3 and round up to the next cent."),
+    ("What is 15% of 80?", "15% of 80 is 12."),
+    ("Convert 5 miles to kilometres.", "5 miles is about 8.05 km."),
+    ("Recommend some calm music for studying.", "Try instrumental piano, lo-fi beats or classical guitar playlists."),
+    ("My internet keeps dropping every few minutes.", "Restart the router, then check whether the drops stop on a cable."),
+    ("Can I bring my own bag on the flight?", "Yes, one personal item under the seat, up to 40 x 30 x 15 cm."),
+    ("I need to change the email on my account.", "update_account(user={n}, email='{email}')"),
+    ("Please unsubscribe me from the newsletter.", "You are unsubscribed; you will get no more newsletters."),
+    ("What's the status of ticket {n}?", "Ticket {n} is with the billing team; they reply within two working days."),
+    ("ok, and when will the refund arrive?", "Within 3 to 5 business days on the card you paid with."),
+    ("No, that's not what I meant.", "Sorry about that. Could you tell me which order you mean?"),
+    ("I'm not sure, what do you suggest?", "I'd start with the smaller plan; you can upgrade any time."),
+    ("Summarise the article in two sentences.",
+     "The city will add 40 km of bike lanes by 2027. Funding comes from the parking budget."),
+    ("Fix the typo: 'recieve the pakage'", "receive the package"),
+    ("Explain recursion to a ten year old.",
+     "It is like Russian dolls: to open the big doll you open a smaller one inside, until the smallest."),
+    ("Yes, the second option please.", "Booked the second option: {date} at {time}."),
+]
+
 PRODUCTS = ["kettle", "laptop stand", "rain jacket", "coffee grinder", "desk lamp", "phone case", "router", "blender"]
 CITIES = ["Lyon", "Brussels", "Geneva", "Lille", "Cologne", "Basel"]
 
@@ -180,12 +236,13 @@ def training_texts(seed: int = 0, junk_per_seed: int = 8, good_per_template: int
     """The classifier's training set: (texts, labels) with 1 = junk. Deterministic given ``seed``.
 
     Junk: every seed written ``junk_per_seed`` ways. Good: both sides of every good template filled
-    ``good_per_template`` times, the short good texts, everyday chat questions and answers
+    ``good_per_template`` times (the extra exchanges a third as often), the short good texts, everyday chat questions and answers
     (builtin:chat-everyday) and the train half of the docstring sentences."""
     from ..train.data import builtin_records
     rng = random.Random(seed)
     junk = [vary_junk(t, rng, slots) for t, slots in all_junk_seeds() for _ in range(junk_per_seed)]
     good = [fill(side, rng) for pair in GOOD_TEMPLATES for _ in range(good_per_template) for side in pair]
+    good += [fill(side, rng) for pair in GOOD_EXCHANGES_EXTRA for _ in range(good_per_template // 3) for side in pair]
     good += GOOD_TEXTS
     for rec in builtin_records("chat-everyday", 150, seed):
         good += [m["content"] for m in rec["messages"]]

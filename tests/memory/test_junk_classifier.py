@@ -1,4 +1,4 @@
-"""The junk classifier: a logistic regression over a (tiny, random) core's pooled hidden states.
+"""The junk classifier: a logistic regression over a (tiny, random) core's last-token hidden states.
 
 A random tiny model cannot know what junk is; what is tested here is the machinery: it fits what it
 is given, scores a text the same alone or in a batch, survives a save/load, refuses a file made for
@@ -79,7 +79,7 @@ def test_save_load_round_trip_and_refusals(tiny, tmp_path, one_thread):
         JunkClassifier.load(broken)
 
 
-def test_pooled_features_ignore_padding_and_differ_between_texts(tiny, one_thread):
+def test_features_ignore_padding_and_differ_between_texts(tiny, one_thread):
     model, tok = tiny
     X = embed(model, tok, ["lol ok", "Please cancel my blender order, it has not shipped yet."])
     assert X.shape == (2, 2 * model.config.hidden_size) and X.dtype == torch.float64
