@@ -322,6 +322,31 @@ GOOD_HELDOUT2_TEMPLATES = [
 ]
 
 
+# Held-out good set, third version: written (and committed) after the second classifier run on v2 / v4
+# showed its misses (a spreadsheet formula, a shell command, a German sentence) and before any change
+# made for them; the figures of a classifier changed after that run are measured on this one.
+GOOD_HELDOUT3_TEMPLATES = [
+    ("How do I undo the last commit but keep the changes?", "git reset --soft HEAD~1"),
+    ("Regex for a 5-digit zip code?", "^\\d{{5}}$"),
+    ("Excel: how do I get the last 4 characters of A2?", "=RIGHT(A2, 4)"),
+    ("How do you say 'thank you very much' in Japanese?", "Arigatou gozaimasu."),
+    ("Comment dit-on 'good night' en français ?", "Bonne nuit."),
+    ("Show the disk usage of this folder.", "du -sh ."),
+    ("What's the derivative of sin(x)?", "cos(x)"),
+    ("Give me the CSS to center a div.", "display: flex; justify-content: center; align-items: center;"),
+    ("Convert 1010 from binary to decimal.", "1010 in binary is 10."),
+    ("My flight {n} got cancelled, what now?", "rebook(flight={n}, option='next_available')"),
+    ("Who do I contact about a wrong charge on my phone bill?",
+     "Call billing at the number on your invoice, or open Billing > Dispute in the app."),
+    ("Can I freeze cooked rice?", "Yes: cool it quickly, freeze it flat in a bag and use it within a month."),
+    ("Is it safe to run a race with a cold?",
+     "If the symptoms are above the neck an easy run may be fine; with a fever or a chest cold, skip it."),
+    ("How do I stop my bike chain squeaking?", "Wipe it clean, put a drop of chain oil on each link, wipe off the extra."),
+    ("ls says permission denied for /var/log/app.", "sudo ls /var/log/app  # or add your user to the adm group"),
+    ("What's 2^10?", "1024"),
+]
+
+
 def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
                classifier: bool = False, classifier_episodes: int = 250) -> dict:
     from cogcore.memory.junk import judge_episode
