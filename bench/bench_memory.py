@@ -347,6 +347,41 @@ GOOD_HELDOUT3_TEMPLATES = [
 ]
 
 
+# Held-out sets, fifth version (junk) and fourth (good): written (and committed) after the third
+# classifier run, before the classifier read a request together with its action; for that classifier.
+HELDOUT5_JUNK = [
+    "sksksksk", "and I oop", "bruh moment", "it's giving", "main character energy", "no thoughts head empty",
+    "slay queen", "touch grass", "big mood tbh", "periodt", "Limited offer: buy 2 get 1 free on all candles",
+    "Download our app and get 20% off your first order", "Best VPN deal of the year, 80% off today",
+    "Earn cashback on every purchase with our new card", "You have 1 unread message from a secret admirer",
+    "Your account will be deleted in 24h unless you verify here", "We detected a virus on your phone, tap to clean",
+    "Send me your seed phrase and I will double your coins", "Support my fundraiser, every dollar counts!!",
+    "Follow my second account for more memes", "Like if you agree, share if you don't",
+    "This is an automated message, replies are not monitored", "404 not found", "TypeError: cannot read property",
+    "undefined undefined", "[image]", "<<EMPTY>>", "lorem", "sample text", "qazwsxedc", "mnmnmnmn", "1234567890",
+    "yeah yeah yeah yeah", "same same same", "ha", "meh", "whatever lol", "coffee first, questions later",
+    "pizza is just a round sandwich, prove me wrong", "anyone else think the moon landing was staged?",
+]
+GOOD_HELDOUT4_TEMPLATES = [
+    ("What does the -r flag do in cp?", "It copies directories recursively, with everything inside them."),
+    ("Regex for an email-like string?", "^[^@\\s]+@[^@\\s]+\\.[a-z]+$"),
+    ("Google Sheets: how do I count rows where B is over 100?", "=COUNTIF(B:B, \">100\")"),
+    ("How do you say 'excuse me' in Dutch?", "Pardon."),
+    ("¿Cómo se dice 'library' en español?", "Biblioteca."),
+    ("Check how much free memory the machine has.", "free -h"),
+    ("What's 12 times 12?", "144"),
+    ("Python one-liner to flatten a list of lists?", "[x for sub in lists for x in sub]"),
+    ("Cancel my table for tonight at {time}.", "cancel_booking(time='{time}', date='today')"),
+    ("My washing machine won't drain.", "Clean the filter behind the small door at the bottom front; it is often blocked."),
+    ("How long do boiled eggs keep in the fridge?", "About a week, in their shells."),
+    ("Can I pay my invoice {n} in two parts?", "Yes: pay half now and half by {date}; I've set that up."),
+    ("What's the capital letter shortcut on a phone?", "Double-tap the shift key for caps lock."),
+    ("Where can I see my past orders?", "Account > Orders lists everything from the last two years."),
+    ("Is it ok to water succulents every day?", "No, once every one to two weeks is enough; they rot if the soil stays wet."),
+    ("ok", "Anything else I can help you with?"),
+]
+
+
 def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
                classifier: bool = False, classifier_episodes: int = 250) -> dict:
     from cogcore.memory.junk import judge_episode
@@ -371,6 +406,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for c, a in (rng.choice(GOOD_HELDOUT_TEMPLATES) for _ in range(n_good))],
         "good_heldout_v2": [[fill(c, rng), fill(a, rng)]
                             for c, a in (rng.choice(GOOD_HELDOUT2_TEMPLATES) for _ in range(n_good))],
+        "good_heldout_v3": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT3_TEMPLATES) for _ in range(n_good))],
         "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
         "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
         "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
@@ -396,7 +433,7 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
     # the headline: held-out junk against the good sets nothing was fitted on (dev junk only shows the
     # rules do what they were written for)
     junk = verdicts["junk_heldout_v4"]
-    good = verdicts["good_docstrings"] + verdicts["good_heldout_v2"]
+    good = verdicts["good_docstrings"] + verdicts["good_heldout_v3"]
     tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
     result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
                                         "heldout_good_kept": round(1 - fp / len(good), 4),
@@ -440,14 +477,17 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
            "texts_per_s": round(len(unique) / score_s, 1), "episodes_per_set": per_set,
            "in_training": "good_templates' templates, the train half of the docstring sentences (good_docstrings "
                           "is the test half), junk_dev, junk_dev2, junk_dev3; never good_heldout_*, junk_heldout_*",
-           "headline_sets": "junk_heldout_v4 against good_docstrings + good_heldout_v2: the sets written before the "
-                            "classifier's first run's misses were read (v1 / v3 were read, then extra good "
-                            "exchanges were added to its training texts)"}
-    both: dict[str, list[bool]] = {}
+           "headline_sets": "junk_heldout_v4 against good_docstrings + good_heldout_v3, the freshest sets: v1 (good) "
+                            "and v3 (junk) were read after the first run, v2 (good) and v4 (junk) after the second, "
+                            "and the classifier's training texts were extended after each (see junk_examples.py); "
+                            "good_heldout_v3 was written before the last extension"}
+    both: dict[str, list[bool]] = {}     # what consolidation drops with the rules and the classifier on
+    alone: dict[str, list[bool]] = {}    # ... with junk_rules=[classifier]: the classifier alone
     for name, eps in sets.items():
         eps, heur = eps[:per_set], [bool(v) for v in verdicts[name][:per_set]]
         clf_says = [max(prob[text] for text in ep) > clf.threshold for ep in eps]
         both[name] = [h or c for h, c in zip(heur, clf_says)]
+        alone[name] = clf_says
         is_junk = name.startswith("junk")
         key = "removed" if is_junk else "kept"
         share = functools.partial(_share, key=key)
@@ -458,10 +498,13 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
                      "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(wrong))[:12]}
         print(f"  + junk classifier ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
               f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}", flush=True)
-    junk, good = both["junk_heldout_v4"], both["good_docstrings"] + both["good_heldout_v2"]
-    tp, fp = sum(junk), sum(good)
-    out["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
-                       "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
+    for label, dropped in (("headline", both), ("headline_classifier_alone", alone)):
+        junk, good = dropped["junk_heldout_v4"], dropped["good_docstrings"] + dropped["good_heldout_v3"]
+        tp, fp = sum(junk), sum(good)
+        out[label] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
+                      "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
+        print(f"  {label}: held-out junk removed {out[label]['heldout_junk_removed']:.3f}, held-out good kept "
+              f"{out[label]['heldout_good_kept']:.3f}", flush=True)
     return out
 
 
