@@ -378,7 +378,7 @@ GOOD_HELDOUT4_TEMPLATES = [
     ("What's the capital letter shortcut on a phone?", "Double-tap the shift key for caps lock."),
     ("Where can I see my past orders?", "Account > Orders lists everything from the last two years."),
     ("Is it ok to water succulents every day?", "No, once every one to two weeks is enough; they rot if the soil stays wet."),
-    ("ok", "Anything else I can help you with?"),
+    ("Please add milk and eggs to my shopping list.", "shopping_list.add(['milk', 'eggs'])"),
 ]
 
 

@@ -143,6 +143,32 @@ GOOD_EXCHANGES_EXTRA = [
     ("Explain recursion to a ten year old.",
      "It is like Russian dolls: to open the big doll you open a smaller one inside, until the smallest."),
     ("Yes, the second option please.", "Booked the second option: {date} at {time}."),
+    # code, commands, formulas, bare answers and other languages: terse, symbol-heavy or non-English
+    # outputs that are still exactly right (added after the second held-out run missed such texts)
+    ("How do I list hidden files?", "ls -a"),
+    ("Find all .log files under this folder.", "find . -name '*.log'"),
+    ("How do I create a virtual environment?", "python -m venv .venv && source .venv/bin/activate"),
+    ("Count the lines in data.csv.", "wc -l data.csv"),
+    ("Show my current git branch.", "git branch --show-current"),
+    ("Kill the process with id {n}.", "kill {n}"),
+    ("In a spreadsheet, average of C2 to C20?", "=AVERAGE(C2:C20)"),
+    ("How do I count the cells in column D that are not empty?", "=COUNTA(D:D)"),
+    ("Join first and last name from A1 and B1.", '=A1 & " " & B1'),
+    ("Python: sort a list of dicts by 'age'.", "people.sort(key=lambda p: p['age'])"),
+    ("SQL to delete rows older than 30 days?", "DELETE FROM events WHERE ts < NOW() - INTERVAL '30 days';"),
+    ("JSON for a user with a name and an id?", '{{"id": {n}, "name": "Ana"}}'),
+    ("What is the integral of 2x?", "x^2 + C"),
+    ("Solve 3x + 5 = 20.", "x = 5"),
+    ("What's 7 squared?", "49"),
+    ("sqrt(144)?", "12"),
+    ("How do you say 'good morning' in Spanish?", "Buenos días."),
+    ("Translate 'thank you' into Italian.", "Grazie."),
+    ("Wie spät ist es in {city}?", "get_time(city='{city}')"),
+    ("Traduis 'see you tomorrow' en français.", "À demain !"),
+    ("How do you write 'hello' in Portuguese?", "Olá."),
+    ("What's the chemical formula of table salt?", "NaCl"),
+    ("Hex color for pure red?", "#FF0000"),
+    ("Keyboard shortcut to undo on a Mac?", "Cmd + Z"),
 ]
 
 PRODUCTS = ["kettle", "laptop stand", "rain jacket", "coffee grinder", "desk lamp", "phone case", "router", "blender"]
