@@ -408,6 +408,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for c, a in (rng.choice(GOOD_HELDOUT2_TEMPLATES) for _ in range(n_good))],
         "good_heldout_v3": [[fill(c, rng), fill(a, rng)]
                             for c, a in (rng.choice(GOOD_HELDOUT3_TEMPLATES) for _ in range(n_good))],
+        "good_heldout_v4": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT4_TEMPLATES) for _ in range(n_good))],
         "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
         "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
         "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
@@ -416,6 +418,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT3_JUNK), rng) for _ in range(n_junk))],
         "junk_heldout_v4": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT4_JUNK), rng) for _ in range(n_junk))],
+        "junk_heldout_v5": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
+                            for i, j in enumerate(vary_junk(rng.choice(HELDOUT5_JUNK), rng) for _ in range(n_junk))],
     }
     result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
     verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
@@ -432,8 +436,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
             "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(misses))[:12]}
     # the headline: held-out junk against the good sets nothing was fitted on (dev junk only shows the
     # rules do what they were written for)
-    junk = verdicts["junk_heldout_v4"]
-    good = verdicts["good_docstrings"] + verdicts["good_heldout_v3"]
+    junk = verdicts["junk_heldout_v5"]
+    good = verdicts["good_docstrings"] + verdicts["good_heldout_v4"]
     tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
     result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
                                         "heldout_good_kept": round(1 - fp / len(good), 4),
@@ -457,19 +461,23 @@ def _junk_text(ep: list[str]) -> str:
 
 def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
     """The junk classifier as consolidation runs it (``junk_classifier=true``): trained from scratch on
-    cogcore/memory/junk_examples.py (timed), then an episode is dropped when its request or action
-    scores above the threshold; on the first ``per_set`` episodes of each set."""
+    cogcore/memory/junk_examples.py (timed), then an episode is dropped when its request (on its own)
+    or its action (as the reply to the request) scores above the threshold; on the first ``per_set``
+    episodes of each set."""
     from cogcore.memory.junk_classifier import JunkClassifier
-    from cogcore.memory.junk_examples import training_texts
+    from cogcore.memory.junk_examples import training_examples
     from cogcore.train.model import load_model, load_tokenizer
     tok, core = load_tokenizer(model), load_model(model).eval()
-    texts, labels = training_texts(0)
+    requests, texts, labels = map(list, zip(*training_examples(0)))
     t = time.perf_counter()
-    clf = JunkClassifier.train(core, tok, texts, labels, progress=True)
+    clf = JunkClassifier.train(core, tok, texts, labels, requests, progress=True)
     train_s = time.perf_counter() - t
-    unique = sorted({text for eps in sets.values() for ep in eps[:per_set] for text in ep})
+    # as consolidation reads an episode: the request on its own, the action as the reply to it
+    unique = sorted({(None, ep[0]) for eps in sets.values() for ep in eps[:per_set]}
+                    | {(ep[0], ep[1]) for eps in sets.values() for ep in eps[:per_set]}, key=str)
     t = time.perf_counter()
-    prob = dict(zip(unique, clf.probabilities(core, tok, unique, progress="junk classifier: scoring")))
+    scores = clf.probabilities(core, tok, [x for _, x in unique], [r for r, _ in unique], progress="junk classifier: scoring")
+    prob = dict(zip(unique, scores))
     score_s = time.perf_counter() - t
     out = {"model": model, "threshold": clf.threshold, "trained_on": {"junk": clf.info["n_junk"], "good": clf.info["n_good"]},
            "train_accuracy": clf.info["train_accuracy"], "train_seconds": round(train_s, 1),
@@ -477,15 +485,15 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
            "texts_per_s": round(len(unique) / score_s, 1), "episodes_per_set": per_set,
            "in_training": "good_templates' templates, the train half of the docstring sentences (good_docstrings "
                           "is the test half), junk_dev, junk_dev2, junk_dev3; never good_heldout_*, junk_heldout_*",
-           "headline_sets": "junk_heldout_v4 against good_docstrings + good_heldout_v3, the freshest sets: v1 (good) "
+           "headline_sets": "junk_heldout_v5 against good_docstrings + good_heldout_v4, the freshest sets: v1 (good) "
                             "and v3 (junk) were read after the first run, v2 (good) and v4 (junk) after the second, "
-                            "and the classifier's training texts were extended after each (see junk_examples.py); "
-                            "good_heldout_v3 was written before the last extension"}
+                            "v3 (good) after the third, and the classifier was changed after each (training texts, "
+                            "then reading the action after its request); v4 / v5 were written before the last change"}
     both: dict[str, list[bool]] = {}     # what consolidation drops with the rules and the classifier on
     alone: dict[str, list[bool]] = {}    # ... with junk_rules=[classifier]: the classifier alone
     for name, eps in sets.items():
         eps, heur = eps[:per_set], [bool(v) for v in verdicts[name][:per_set]]
-        clf_says = [max(prob[text] for text in ep) > clf.threshold for ep in eps]
+        clf_says = [max(prob[(None, ep[0])], prob[(ep[0], ep[1])]) > clf.threshold for ep in eps]
         both[name] = [h or c for h, c in zip(heur, clf_says)]
         alone[name] = clf_says
         is_junk = name.startswith("junk")
@@ -499,7 +507,7 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
         print(f"  + junk classifier ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
               f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}", flush=True)
     for label, dropped in (("headline", both), ("headline_classifier_alone", alone)):
-        junk, good = dropped["junk_heldout_v4"], dropped["good_docstrings"] + dropped["good_heldout_v3"]
+        junk, good = dropped["junk_heldout_v5"], dropped["good_docstrings"] + dropped["good_heldout_v4"]
         tp, fp = sum(junk), sum(good)
         out[label] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
                       "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}

@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "kept in <workspace>/experience/junk-classifier per base model.")
     sp.add_argument("--model", default="smollm2-135m", help="the core model (default smollm2-135m)")
     sp.add_argument("--examples", metavar="FILE.jsonl", help='your own labels, one {"text": ..., "junk": true|false} '
-                                                            "per line, added to the built-in ones (retrains)")
+                                                            '(and optionally "request": ...) per line, added to the '
+                                                            "built-in ones (retrains)")
     sp.add_argument("--retrain", action="store_true", help="train again even if one exists")
     sp.add_argument("--score", nargs="+", metavar="TEXT", help="print P(junk) of these texts")
+    sp.add_argument("--request", help="with --score: read the texts as replies to this request")
     return p
 
 
@@ -216,16 +218,14 @@ def _consolidate(log, args) -> int:
 def _junk_classifier(args) -> int:
     from ..train.model import load_model, load_tokenizer
     from .junk_classifier import JunkClassifier, default_path
-    from .junk_examples import read_labelled, training_texts
+    from .junk_examples import read_labelled, training_examples
     model, tok = load_model(args.model).eval(), load_tokenizer(args.model)
     path = default_path(model.base_hash)
     if args.retrain or args.examples or not path.is_file():
-        texts, labels = training_texts(0)
-        if args.examples:
-            mine, my_labels = read_labelled(args.examples)
-            texts, labels = texts + mine, labels + my_labels
+        examples = training_examples(0) + (read_labelled(args.examples) if args.examples else [])
+        requests, texts, labels = map(list, zip(*examples))
         t = time.perf_counter()
-        clf = JunkClassifier.train(model, tok, texts, labels, progress=sys.stderr.isatty())
+        clf = JunkClassifier.train(model, tok, texts, labels, requests, progress=sys.stderr.isatty())
         clf.save(path)
         print(f"trained in {time.perf_counter() - t:.0f}s", end=": ")
     else:
@@ -233,7 +233,9 @@ def _junk_classifier(args) -> int:
     i = clf.info
     print(f"junk classifier of {args.model} (base {i['base_hash'][:12]}) at {path}: {i['n_junk']} junk and "
           f"{i['n_good']} good texts, training accuracy {i['train_accuracy']:.3f}, threshold {clf.threshold:g}")
-    for text, p in zip(args.score or [], clf.probabilities(model, tok, args.score or [])):
+    texts = args.score or []
+    requests = [args.request] * len(texts) if args.request else None
+    for text, p in zip(texts, clf.probabilities(model, tok, texts, requests)):
         print(f"{p:.3f}  {'junk' if p > clf.threshold else 'ok  '}  {text}")
     return 0
 

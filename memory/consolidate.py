@@ -576,16 +576,25 @@ def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Cons
 
 def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
                      report: dict) -> list[Episode]:
-    """Judged on what the rules judged: the request and the actions a policy would learn from."""
+    """Judged on what the rules judged: the request on its own, and each action a policy would learn
+    from as the reply to the request."""
     from .junk_classifier import load_or_train
     scorer = _scorer(cfg.model)
     clf = load_or_train(scorer.model, scorer.tok, progress=cfg.progress)
-    texts = [[t for t in judged[ep.episode_id] if t.strip()] for ep in kept]
-    flat = [t for ts in texts for t in ts]
-    probs = iter(clf.probabilities(scorer.model, scorer.tok, flat, progress="junk classifier" if cfg.progress else ""))
+    texts, requests, owner = [], [], []
+    for k, ep in enumerate(kept):
+        request, *actions = judged[ep.episode_id]
+        for text, after in [(request, None)] + [(a, request) for a in actions if a.strip()]:
+            texts.append(text)
+            requests.append(after)
+            owner.append(k)
+    probs = clf.probabilities(scorer.model, scorer.tok, texts, requests,
+                              progress="junk classifier" if cfg.progress else "")
+    worst: list[tuple[float, str]] = [(0.0, "")] * len(kept)
+    for k, p, text in zip(owner, probs, texts):
+        worst[k] = max(worst[k], (p, text))
     out = []
-    for ep, ts in zip(kept, texts):
-        p, text = max(((next(probs), t) for t in ts), default=(0.0, ""))
+    for ep, (p, text) in zip(kept, worst):
         if p > cfg.junk_threshold:
             _count(report["junk"]["rules"]["classifier"], f"{_clip(text, 140)} (P(junk) {p:.2f})")
         else:

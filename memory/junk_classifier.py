@@ -6,13 +6,21 @@ and channel intros are neither unlikely nor irrelevant enough. What does general
 own reading of a text: the hidden state at the text's last token (which has seen the whole text) in
 a middle and in the last layer, fed to a logistic regression trained on the labelled sets of
 memory/junk_examples.py (plus the user's own labels, if given). The core stays frozen; only
-2 x hidden + 1 numbers are fitted. (Mean-pooled states were tried first: on the development sets
-they kept 0.84 of good exchanges from unseen domains, the last-token states 1.00; bench/bench_memory.py.)
+2 x hidden + 1 numbers are fitted.
 
-    clf = JunkClassifier.train(model, tok)                  # ~2,300 texts; ~1 min on 2 CPU cores (135M)
+An action is read as the reply to its request (the chat template, as the core sees it when it
+serves), a request on its own: "49" after "What's 7 squared?" is a good answer, "mood" after a
+refund request is not, and only the request can tell them apart.
+
+How it got here (bench/bench_memory.py, every step measured on sets written before it): mean-pooled
+states kept 0.70 of good exchanges from unseen domains; last-token states and more everyday good
+examples 0.89 (junk of unseen kinds: 0.98 removed); terse code / formula / foreign-language answers
+were still taken for chatter until the action was read after its request.
+
+    clf = JunkClassifier.train(model, tok)                  # ~2,500 texts; a few min on 2 CPU cores (135M)
     clf.save(path)                                          # safetensors + the base_hash it belongs to
     clf = JunkClassifier.load(path, model)                  # refuses a file made for another base
-    clf.probabilities(model, tok, ["lol ok", "refund(order=4411)"])   # P(junk) per text
+    clf.probabilities(model, tok, ["49", "mood"], requests=["What's 7 squared?"] * 2)   # P(junk) per text
 
 Consolidation (``junk_classifier=true``) trains one on first use, keeps it in the workspace next to
 the experience log, named by the base hash, and drops an episode whose request or action scores
@@ -29,8 +37,9 @@ import torch
 
 from ..train.config import CogcoreError
 
-FORMAT_VERSION = 2   # 2: last-token states (1: mean-pooled)
+FORMAT_VERSION = 3   # 3: actions read after their request (2: texts alone, 1: mean-pooled)
 MAX_TOKENS = 64      # junk is short; a long good text is judged by its first 64 tokens
+PROMPT_TOKENS = 96   # the end of the rendered request an action is read after
 
 
 def _layers(model) -> tuple[int, int]:
@@ -39,13 +48,29 @@ def _layers(model) -> tuple[int, int]:
     return n // 2, n
 
 
-def embed(model, tok, texts: list[str], batch_size: int = 32, progress: str = "") -> torch.Tensor:
-    """(len(texts), 2 * hidden) float64: two hidden states at each text's last token."""
+def embed(model, tok, texts: list[str], requests: list[str | None] | None = None, batch_size: int = 32,
+          progress: str = "") -> torch.Tensor:
+    """(len(texts), 2 * hidden) float64: two hidden states at each text's last token.
+
+    ``requests[i]``: the request text ``i`` answers; it is then read as the assistant's reply to it
+    (the chat template); None (or no ``requests``): the text is read on its own."""
     from tqdm import tqdm
+
+    from .formats import policy_messages, render_prompt
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     middle, last = _layers(model)
     device = next(model.parameters()).device
-    ids = [tok(t, add_special_tokens=False).input_ids[:MAX_TOKENS] or [pad] for t in texts]
+    encode = lambda t: tok(t, add_special_tokens=False).input_ids   # noqa: E731
+    prompts: dict[str, list[int]] = {}
+    ids = []
+    for i, text in enumerate(texts):
+        request = requests[i] if requests else None
+        prefix = []
+        if request is not None:
+            if request not in prompts:
+                prompts[request] = encode(render_prompt(tok, policy_messages(request)))[-PROMPT_TOKENS:]
+            prefix = prompts[request]
+        ids.append(prefix + (encode(text)[:MAX_TOKENS] or [pad]))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))     # similar lengths share a batch: less padding
     out = torch.zeros(len(ids), 2 * model.config.hidden_size, dtype=torch.float64)
     bar = tqdm(total=len(ids), desc=progress, unit="text", leave=False, disable=not progress)
@@ -78,21 +103,24 @@ class JunkClassifier:
 
     @classmethod
     def train(cls, model, tok, texts: list[str] | None = None, labels: list[int] | None = None,
-              l2: float = 1e-3, threshold: float = 0.5, seed: int = 0, progress: bool = False) -> JunkClassifier:
-        """Fit on ``texts``/``labels`` (1 = junk); by default on memory/junk_examples.training_texts.
+              requests: list[str | None] | None = None, l2: float = 1e-3, threshold: float = 0.5, seed: int = 0,
+              progress: bool = False) -> JunkClassifier:
+        """Fit on ``texts``/``labels`` (1 = junk), each read after ``requests[i]`` when given (None: on
+        its own); by default on memory/junk_examples.training_examples.
 
         Deterministic: full-batch L-BFGS in float64 from zeros, no sampling. Junk and good carry equal
         total weight whatever their counts, so the default threshold 0.5 means "more junk than good"."""
         if texts is None:
-            from .junk_examples import training_texts
-            texts, labels = training_texts(seed)
-        if labels is None or len(labels) != len(texts):
-            raise CogcoreError("junk classifier: give one label (1 = junk, 0 = good) per text")
+            from .junk_examples import training_examples
+            requests, texts, labels = map(list, zip(*training_examples(seed)))
+        if labels is None or len(labels) != len(texts) or (requests is not None and len(requests) != len(texts)):
+            raise CogcoreError("junk classifier: give one label (1 = junk, 0 = good), and one request or None if "
+                               "requests are given, per text")
         n_junk = sum(1 for y in labels if y)
         if n_junk == 0 or n_junk == len(labels):
             raise CogcoreError(f"junk classifier: the training texts need both junk and good examples "
                                f"(got {n_junk} junk of {len(labels)})")
-        X = embed(model, tok, texts, progress="junk classifier: embedding" if progress else "")
+        X = embed(model, tok, texts, requests, progress="junk classifier: embedding" if progress else "")
         y = torch.tensor([float(bool(v)) for v in labels], dtype=torch.float64)
         mean, std = X.mean(0), X.std(0).clamp(min=1e-6)
         Z = (X - mean) / std
@@ -121,12 +149,14 @@ class JunkClassifier:
 
     # ------------------------------------------------------------------ use
 
-    def probabilities(self, model, tok, texts: list[str], progress: str = "") -> list[float]:
-        """P(junk) per text under ``model`` (the base this classifier was trained on)."""
+    def probabilities(self, model, tok, texts: list[str], requests: list[str | None] | None = None,
+                      progress: str = "") -> list[float]:
+        """P(junk) per text under ``model`` (the base this classifier was trained on); ``requests[i]``:
+        the request text ``i`` answers (None: a request, or a text read on its own)."""
         self._check_model(model)
         if not texts:
             return []
-        Z = (embed(model, tok, texts, progress=progress) - self.mean) / self.std
+        Z = (embed(model, tok, texts, requests, progress=progress) - self.mean) / self.std
         return torch.sigmoid(Z @ self.weight + self.bias).tolist()
 
     def _check_model(self, model) -> None:

@@ -258,35 +258,46 @@ def all_junk_seeds() -> list[tuple[str, bool]]:
             + [(t, True) for t in DEV2_JUNK + DEV3_JUNK])
 
 
-def training_texts(seed: int = 0, junk_per_seed: int = 8, good_per_template: int = 12) -> tuple[list[str], list[int]]:
-    """The classifier's training set: (texts, labels) with 1 = junk. Deterministic given ``seed``.
+DOCS_REQUEST = "Summarise what this part of the documentation says."
 
-    Junk: every seed written ``junk_per_seed`` ways. Good: both sides of every good template filled
-    ``good_per_template`` times (the extra exchanges a third as often), the short good texts, everyday chat questions and answers
-    (builtin:chat-everyday) and the train half of the docstring sentences."""
+
+def training_examples(seed: int = 0, junk_per_seed: int = 8, good_per_template: int = 12
+                      ) -> list[tuple[str | None, str, int]]:
+    """The classifier's training set: (request or None, text, label) with label 1 = junk; a text
+    with a request is read as the reply to it, one without on its own. Deterministic given ``seed``.
+
+    Junk: every seed written ``junk_per_seed`` ways, two in three as the reply to a good request,
+    one in three on its own (junk a user sent). Good: every good template's request on its own and
+    its answer after it, ``good_per_template`` fillings each (the extra exchanges a third as often),
+    the short good texts on their own, everyday chat questions and answers (builtin:chat-everyday),
+    and the train half of the docstring sentences after a request to summarise documentation."""
     from ..train.data import builtin_records
     rng = random.Random(seed)
-    junk = [vary_junk(t, rng, slots) for t, slots in all_junk_seeds() for _ in range(junk_per_seed)]
-    good = [fill(side, rng) for pair in GOOD_TEMPLATES for _ in range(good_per_template) for side in pair]
-    good += [fill(side, rng) for pair in GOOD_EXCHANGES_EXTRA for _ in range(good_per_template // 3) for side in pair]
-    good += GOOD_TEXTS
+    pairs = [(fill(q, rng), fill(a, rng)) for q, a in GOOD_TEMPLATES for _ in range(good_per_template)]
+    pairs += [(fill(q, rng), fill(a, rng)) for q, a in GOOD_EXCHANGES_EXTRA for _ in range(good_per_template // 3)]
     for rec in builtin_records("chat-everyday", 150, seed):
-        good += [m["content"] for m in rec["messages"]]
-    good += docstring_sentences("train")
-    texts = junk + good
-    labels = [1] * len(junk) + [0] * len(good)
-    order = list(range(len(texts)))
-    rng.shuffle(order)
-    return [texts[i] for i in order], [labels[i] for i in order]
+        pairs.append((rec["messages"][0]["content"], rec["messages"][1]["content"]))
+    requests = [q for q, _ in pairs]
+    out: list[tuple[str | None, str, int]] = []
+    for k, (t, slots) in enumerate((t, s) for t, s in all_junk_seeds() for _ in range(junk_per_seed)):
+        junk = vary_junk(t, rng, slots)
+        out.append((None, junk, 1) if k % 3 == 2 else (rng.choice(requests), junk, 1))
+    for q, a in pairs:
+        out += [(None, q, 0), (q, a, 0)]
+    out += [(None, t, 0) for t in GOOD_TEXTS]
+    out += [(DOCS_REQUEST, t, 0) for t in docstring_sentences("train")]
+    rng.shuffle(out)
+    return out
 
 
-def read_labelled(path) -> tuple[list[str], list[int]]:
-    """A user's own labels: JSONL, one ``{"text": "...", "junk": true|false}`` per line."""
+def read_labelled(path) -> list[tuple[str | None, str, int]]:
+    """A user's own labels: JSONL, one ``{"text": "...", "junk": true|false}`` per line, with an optional
+    ``"request"``: the request the text answers (it is then read as the reply to it)."""
     import json
     from pathlib import Path
 
     from ..train.config import CogcoreError
-    texts, labels = [], []
+    out: list[tuple[str | None, str, int]] = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -299,10 +310,10 @@ def read_labelled(path) -> tuple[list[str], list[int]]:
         except json.JSONDecodeError as e:
             raise CogcoreError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not (isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip()
-                and isinstance(rec.get("junk"), bool)):
-            raise CogcoreError(f'{path}:{n}: expected {{"text": "<non-empty string>", "junk": true|false}}')
-        texts.append(rec["text"])
-        labels.append(int(rec["junk"]))
-    if not texts:
+                and isinstance(rec.get("junk"), bool) and isinstance(rec.get("request"), (str, type(None)))):
+            raise CogcoreError(f'{path}:{n}: expected {{"text": "<non-empty string>", "junk": true|false}} and '
+                               'optionally "request": "<the request the text answers>"')
+        out.append((rec.get("request"), rec["text"], int(rec["junk"])))
+    if not out:
         raise CogcoreError(f"{path} holds no labelled examples")
-    return texts, labels
+    return out

@@ -244,9 +244,13 @@ def test_classifier_gate_drops_what_the_workspace_classifier_calls_junk(log, des
     for i, action in enumerate(fluent):
         events += desk.junk_episode("alice", f"fluent{i}", NOW - 5000 + 10 * i, action)
     log.append(events)
-    good = sorted({t for evs in log.episodes("alice") for t in Ep.from_events(evs).texts()} - set(fluent))
+    examples = set()                            # as the gate reads them: a request alone, an action after it
+    for evs in log.episodes("alice"):
+        request, *actions = Ep.from_events(evs).texts()
+        examples |= {(None, request, 0)} | {(request, a, int(a in fluent)) for a in actions}
+    requests, texts, labels = map(list, zip(*sorted(examples, key=str)))
     model, tok = load_model("tiny-llama"), load_tokenizer("tiny-llama")
-    JunkClassifier.train(model, tok, fluent * 4 + good, [1] * 12 + [0] * len(good)).save(default_path(model.base_hash))
+    JunkClassifier.train(model, tok, texts, labels, requests).save(default_path(model.base_hash))
     c = cfg(tmp_path)
     off = consolidate(log, "alice", c)                                  # the rules alone let them through
     assert off.report["junk"]["dropped"] == 0

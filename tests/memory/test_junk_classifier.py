@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cogcore.memory.junk_classifier import JunkClassifier, default_path, embed, load_or_train
-from cogcore.memory.junk_examples import GOOD_TEMPLATES, RULE_DEV_JUNK, fill, training_texts, vary_junk
+from cogcore.memory.junk_examples import GOOD_TEMPLATES, RULE_DEV_JUNK, fill, read_labelled, training_examples, vary_junk
 from cogcore.train.config import CogcoreError
 from cogcore.train.model import load_model, load_tokenizer
 
@@ -87,13 +87,45 @@ def test_features_ignore_padding_and_differ_between_texts(tiny, one_thread):
     assert not torch.allclose(X[0], X[1])
 
 
+def test_an_action_is_read_after_its_request(tiny, one_thread):
+    model, tok = tiny
+    request = "What's 7 squared?"
+    alone, after = embed(model, tok, ["49", "49"], [None, request])
+    assert not torch.allclose(alone, after)                              # the request changes the reading
+    again = embed(model, tok, ["lol ok", "49"], [None, request])[1]      # and a batch does not
+    assert torch.allclose(again, after, atol=1e-5)
+    texts, labels = small_set()
+    requests = [request if i % 2 else None for i in range(len(texts))]
+    clf = JunkClassifier.train(model, tok, texts, labels, requests)
+    p = clf.probabilities(model, tok, texts, requests)
+    assert min(x for x, y in zip(p, labels) if y) > 0.5 > max(x for x, y in zip(p, labels) if not y)
+    with pytest.raises(CogcoreError, match="one request"):
+        JunkClassifier.train(model, tok, texts, labels, requests[:-1])
+
+
+def test_training_examples_and_user_labels(tmp_path):
+    ex = training_examples(0)
+    assert ex == training_examples(0)                                    # deterministic
+    labels = [y for _, _, y in ex]
+    assert 0.3 < sum(labels) / len(labels) < 0.7
+    assert any(r is None for r, _, y in ex if y) and any(r is not None for r, _, y in ex if y)   # junk both ways
+    assert all(t.strip() for _, t, _ in ex)
+    f = tmp_path / "labels.jsonl"
+    f.write_text('{"text": "gm fam", "junk": true}\n\n{"text": "49", "junk": false, "request": "7 squared?"}\n')
+    assert read_labelled(f) == [(None, "gm fam", 1), ("7 squared?", "49", 0)]
+    f.write_text('{"text": "gm fam", "junk": "yes"}\n')
+    with pytest.raises(CogcoreError, match="labels.jsonl:1: expected"):
+        read_labelled(f)
+    f.write_text("{oops\n")
+    with pytest.raises(CogcoreError, match="labels.jsonl:1: not JSON"):
+        read_labelled(f)
+
+
 def test_the_workspace_keeps_one_classifier_per_base(tiny, tmp_path, one_thread):
     model, tok = tiny
-    texts, labels = training_texts(0)
-    assert 0.3 < sum(labels) / len(labels) < 0.7 and len(set(texts)) > 0.7 * len(texts)   # short seeds repeat
     first = load_or_train(model, tok, root=tmp_path)
     path = default_path(model.base_hash, tmp_path)
-    assert path.is_file() and first.info["n_junk"] == sum(labels)
+    assert path.is_file() and first.info["n_junk"] == sum(y for _, _, y in training_examples(0))
     stamp = path.stat().st_mtime_ns
     again = load_or_train(model, tok, root=tmp_path)                     # loaded, not trained again
     assert path.stat().st_mtime_ns == stamp and torch.equal(again.weight, first.weight)
