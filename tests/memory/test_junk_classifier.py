@@ -129,3 +129,19 @@ def test_the_workspace_keeps_one_classifier_per_base(tiny, tmp_path, one_thread)
     stamp = path.stat().st_mtime_ns
     again = load_or_train(model, tok, root=tmp_path)                     # loaded, not trained again
     assert path.stat().st_mtime_ns == stamp and torch.equal(again.weight, first.weight)
+
+
+def test_the_benchmark_part_runs_on_a_tiny_model(one_thread):
+    """bench/bench_memory.py's junk part end to end (sizes tiny): every set judged by the rules and
+    by the classifier, the headline on the sets the classifier never trained on."""
+    from cogcore.bench.bench_memory import bench_junk
+    r = bench_junk(n_good=12, n_junk=12, model_score=False, model="tiny-llama", classifier=True, classifier_episodes=6)
+    assert set(r["sets"]) >= {"good_docstrings", "good_heldout_v4", "junk_heldout_v5"}
+    c = r["with_classifier"]
+    assert c["texts_scored"] > 0 and c["trained_on"]["junk"] > 0
+    for name in r["sets"]:
+        key = "removed" if name.startswith("junk") else "kept"
+        assert 0 <= c[name][key] <= 1 and c[name]["evaluated_on"] == 6
+        assert c[name][key] >= max(c[name][f"heuristics_alone_{key}"], c[name][f"classifier_alone_{key}"]) \
+            if key == "removed" else c[name][key] <= min(c[name][f"heuristics_alone_{key}"], c[name][f"classifier_alone_{key}"])
+    assert 0 <= c["headline"]["heldout_junk_removed"] <= 1
