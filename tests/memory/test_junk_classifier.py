@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from cogcore.memory.junk_classifier import JunkClassifier, default_path, embed, load_or_train
-from cogcore.memory.junk_examples import GOOD_TEMPLATES, RULE_DEV_JUNK, fill, read_labelled, training_examples, vary_junk
+from cogcore.memory.junk_examples import (
+    GOOD_TEMPLATES,
+    RULE_DEV_JUNK,
+    fill,
+    read_labelled,
+    training_examples,
+    vary_junk,
+)
 from cogcore.train.config import CogcoreError
 from cogcore.train.model import load_model, load_tokenizer
 
