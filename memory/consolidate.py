@@ -549,13 +549,8 @@ def _episode_text(ep: Episode) -> str:
 
 def _perplexity_gate(kept: list[Episode], cfg: ConsolidateConfig, report: dict) -> list[Episode]:
     worst = episode_perplexity(_scorer(cfg.model), [ep.texts() for ep in kept], progress=cfg.progress)
-    out = []
-    for ep, (ppl, text) in zip(kept, worst):
-        if ppl > cfg.max_perplexity:
-            _count(report["junk"]["rules"]["perplexity"], f"{_clip(text, 140)} (perplexity {ppl:.1f})")
-        else:
-            out.append(ep)
-    return out
+    return _drop_scored(kept, worst, lambda ppl: ppl > cfg.max_perplexity, "perplexity",
+                        lambda ppl: f"perplexity {ppl:.1f}", report)
 
 
 def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
@@ -565,13 +560,8 @@ def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Cons
     through the correction)."""
     texts = [[judged[ep.episode_id][0]] + [t for t in judged[ep.episode_id][1:] if t.strip()] for ep in kept]
     lowest = episode_relevance(_scorer(cfg.model), texts, progress=cfg.progress)
-    out = []
-    for ep, (score, text) in zip(kept, lowest):
-        if score < cfg.min_relevance:
-            _count(report["junk"]["rules"]["relevance"], f"{_clip(text, 140)} (relevance {score:+.2f})")
-        else:
-            out.append(ep)
-    return out
+    return _drop_scored(kept, lowest, lambda score: score < cfg.min_relevance, "relevance",
+                        lambda score: f"relevance {score:+.2f}", report)
 
 
 def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
@@ -593,10 +583,18 @@ def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Con
     worst: list[tuple[float, str]] = [(0.0, "")] * len(kept)
     for k, p, text in zip(owner, probs, texts):
         worst[k] = max(worst[k], (p, text))
+    return _drop_scored(kept, worst, lambda p: p > cfg.junk_threshold, "classifier", lambda p: f"P(junk) {p:.2f}",
+                        report)
+
+
+def _drop_scored(kept: list[Episode], scored: list[tuple[float, str]], is_junk, rule: str, describe,
+                 report: dict) -> list[Episode]:
+    """The episodes whose (score, deciding text) is not junk; the others counted under ``rule``, the
+    text and ``describe(score)`` as the example."""
     out = []
-    for ep, (p, text) in zip(kept, worst):
-        if p > cfg.junk_threshold:
-            _count(report["junk"]["rules"]["classifier"], f"{_clip(text, 140)} (P(junk) {p:.2f})")
+    for ep, (score, text) in zip(kept, scored):
+        if is_junk(score):
+            _count(report["junk"]["rules"][rule], f"{_clip(text, 140)} ({describe(score)})")
         else:
             out.append(ep)
     return out
