@@ -201,3 +201,22 @@ def test_chat_everyday_is_seeded_correct_and_apart_from_the_real_world_probes():
     assert checked > 300
     probes = {p.question.lower() for p in load_probes()}
     assert not probes & {q.lower() for q, _ in qa}  # replay must not train on what the probes ask
+
+
+def test_chat_general_mixes_sums_and_everyday_questions_and_leaves_the_gates_sums_as_they_were():
+    import re
+
+    from cogcore.train.data import builtin_records
+    recs = builtin_records("chat-general", 2000, 3)
+    assert recs == builtin_records("chat-general", 2000, 3)
+    qs = [r["messages"][0]["content"] for r in recs]
+    sums = [q for q in qs if re.fullmatch(r"What is \d+ [+-] \d+\?", q)]
+    everyday = [q for q in qs if q not in sums]
+    assert 0.4 < len(sums) / len(qs) < 0.6 and len({q[:12] for q in everyday}) >= 10
+    for r in recs:  # every sum is answered right
+        if m := re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", r["messages"][0]["content"]):
+            c = int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3])
+            assert r["messages"][1]["content"] == f"{m[1]} {m[2]} {m[3]} = {c}."
+    # the sums alone are the same records as before the mix existed (the gate's general set is seeded)
+    assert [r["messages"][0]["content"] for r in builtin_records("chat-arithmetic", 3, 1234)] == \
+        ["What is 99 + 56?", "What is 0 + 11?", "What is 85 + 88?"]

@@ -38,7 +38,8 @@ BUILTIN_PREFIX = "builtin:"
 @dataclass
 class DataConfig:
     source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / "
-                                                           "builtin:chat-everyday / builtin:stdlib-docs")
+                                                           "builtin:chat-everyday / builtin:chat-general / "
+                                                           "builtin:stdlib-docs")
     seq_len: int = field(256, help="tokens per packed row")
     packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
     train_on: Literal["completion", "all"] = field(
@@ -69,28 +70,20 @@ class Document:
 def builtin_records(name: str, n: int, seed: int) -> list[dict]:
     """Small generated datasets so that everything runs with no files and no network."""
     rng = random.Random(seed)
-    out = []
-    if name in ("arithmetic", "chat-arithmetic"):
-        for _ in range(n):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            op = rng.choice(["+", "-"])
-            c = a + b if op == "+" else a - b
-            q = f"What is {a} {op} {b}?"
-            ans = f"{a} {op} {b} = {c}."
-            if name == "arithmetic":
-                out.append({"prompt": q + " ", "completion": ans})
-            else:
-                out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
-        return out
-    if name == "chat-everyday":
+    if name == "arithmetic":
+        return [{"prompt": q + " ", "completion": a} for q, a in (_sum_question(rng) for _ in range(n))]
+    questions = {"chat-arithmetic": _sum_question, "chat-everyday": _everyday_question,
+                 # both kinds, half and half: replay that holds an adapter on everyday chat and on sums
+                 "chat-general": lambda r: _sum_question(r) if r.random() < 0.5 else _everyday_question(r)}
+    if name in questions:
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in (_everyday_question(rng) for _ in range(n))]
+                for q, a in (questions[name](rng) for _ in range(n))]
     if name == "stdlib-docs":
         docs = _stdlib_docstrings()
         rng.shuffle(docs)
         return [{"text": d} for d in docs[:n]]
     raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic, "
-                       "builtin:chat-everyday, builtin:stdlib-docs")
+                       "builtin:chat-everyday, builtin:chat-general, builtin:stdlib-docs")
 
 
 # Everyday chat questions with answers that can be computed or looked up below: general
@@ -112,6 +105,13 @@ _COLOURS = [("grass", "green"), ("snow", "white"), ("a ripe banana", "yellow"), 
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _WORDS = ["garden", "window", "pencil", "river", "basket", "candle", "mirror", "ladder", "blanket", "orange",
           "planet", "bridge", "kitchen", "button", "rabbit", "summer", "teacher", "wallet"]
+
+
+def _sum_question(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op = rng.choice(["+", "-"])
+    c = a + b if op == "+" else a - b
+    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {c}."
 
 
 def _everyday_question(rng: random.Random) -> tuple[str, str]:
