@@ -66,7 +66,8 @@ class GateConfig:
     precision: Literal["bf16", "fp32"] = field("fp32", help="loss scoring precision: bf16 autocast scores about 2x "
                                                        "faster on CPUs with AMX / AVX512-BF16 and on GPUs (the candidate "
                                                        "and the base are always scored alike); generation is unchanged")
-    batch_size: int = field(16, help="prompts generated / rows scored together")
+    batch_size: int = field(64, help="prompts generated / rows scored together (the 64 general questions in one batch "
+                                     "generate 1.5x faster than in batches of 16 on one CPU thread)")
 
     def __post_init__(self):
         for name in ("max_new_tokens", "probe_max_new_tokens", "batch_size"):
@@ -347,7 +348,8 @@ def paired_change(before: list[bool], after: list[bool]) -> dict:
 def _base_general(model, tokenizer, cfg: GateConfig, cache_dir: Path | None, base_tag: str) -> dict:
     """The base's general metrics, cached per base and gate settings (the same for every user)."""
     key = hashlib.sha256(json.dumps([GATE_VERSION, base_tag, cfg.probes, cfg.probe_max_new_tokens, cfg.general_source,
-                                     cfg.general_documents, cfg.seq_len, cfg.precision]).encode()).hexdigest()[:16]
+                                     cfg.general_documents, cfg.seq_len, cfg.precision, cfg.batch_size,  # padding moves greedy ties
+                                     cfg.max_new_tokens]).encode()).hexdigest()[:16]
     path = cache_dir / f"gate-base-{key}.json" if cache_dir is not None and base_tag else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())

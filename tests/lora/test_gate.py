@@ -101,6 +101,9 @@ def test_bf16_scoring_is_close_to_fp32_and_cached_apart(tmp_path, cogcore_home, 
     for precision in ("fp32", "bf16"):
         _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, precision=precision), tmp_path, "b")
     assert len(list(tmp_path.glob("gate-base-*.json"))) == 2
+    # a shorter reply budget changes the base's answers: its numbers are cached apart too
+    _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, max_new_tokens=8), tmp_path, "b")
+    assert len(list(tmp_path.glob("gate-base-*.json"))) == 3
 
 
 def test_a_general_answer_counts_by_its_result_not_its_wording():
