@@ -58,8 +58,9 @@ class DemoConfig:
     lr: float = field(1e-3, help="refresh learning rate")
     micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
     seq_len: int = field(256, help="tokens per packed row in the refresh")
-    replay_source: str = field("builtin:chat-everyday", help="general prompts mixed into each user's training set "
-                                                             "against forgetting (consolidate.replay_source)")
+    replay_source: str = field("builtin:chat-general", help="general prompts mixed into each user's training set "
+                                                            "against forgetting (consolidate.replay_source): everyday "
+                                                            "questions and sums, the two kinds the gate checks")
     replay_share: float = field(0.2, help="share of each user's training rows that are replay")
     replay_answers: Literal["base", "set"] = field("base", help="replay answered by the core itself ('base': the "
                                                                 "adapter is held to what the core says on general "
