@@ -24,8 +24,11 @@ import hashlib
 import json
 import math
 import re
+import struct
 import time
 from dataclasses import dataclass
+
+import xxhash
 
 KINDS = ("context", "action", "observation", "feedback", "reward")
 
@@ -68,7 +71,20 @@ def validate_user_id(user) -> str:
 def default_event_id(user_id: str, episode_id: str, ts: float, kind: str, text: str) -> str:
     """The same event logged twice gets the same id, so re-ingesting a file adds nothing.
 
-    Ids and kinds cannot hold "|" and the text comes last, so the key is unambiguous."""
+    Ids and kinds cannot hold "|", ts is 8 fixed bytes and the text comes last, so the key is
+    unambiguous. xxh3-128 rather than a cryptographic hash (it is ~10x cheaper, and the id is on
+    the ingest path of every event): ids are unique per user in the log, so a crafted collision
+    could only ever shadow the crafter's own events. Changing this function changes stored ids:
+    the log's schema migration (memory/log.py) must then rewrite them."""
+    key = f"{user_id}|{episode_id}|{kind}|".encode() + _TS.pack(ts) + text.encode("utf-8", "surrogatepass")
+    return xxhash.xxh3_128_hexdigest(key)
+
+
+_TS = struct.Struct("<d")
+
+
+def v1_event_id(user_id: str, episode_id: str, ts: float, kind: str, text: str) -> str:
+    """The default id of schema version 1 (sha256), kept so that migration can recognise it."""
     key = f"{user_id}|{episode_id}|{ts!r}|{kind}|{text}"
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 

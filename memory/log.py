@@ -7,11 +7,14 @@
 How it stays correct with many writers (servers logging, a consolidation reading):
   * WAL journal: readers see a consistent snapshot and never block the writer;
   * ``busy_timeout``: a writer waits for the lock instead of failing at once;
-  * ``INSERT ... ON CONFLICT (event_id) DO NOTHING``: appending the same event twice (a retried
-    request, a re-ingested file) stores it once, and two processes racing cannot duplicate it;
+  * ``INSERT ... ON CONFLICT (user_id, event_id) DO NOTHING``: appending the same event twice (a
+    retried request, a re-ingested file) stores it once, and two processes racing cannot duplicate
+    it; ids are unique per user, so one user's client cannot shadow another user's events;
   * ``BEGIN IMMEDIATE`` around every write: the write lock is taken up front, so a
     read-modify-write (schema setup, forget) cannot interleave with another writer;
-  * ``PRAGMA user_version`` holds the schema version; a newer file is refused, not misread;
+  * ``PRAGMA user_version`` holds the schema version; a newer file is refused, not misread, and an
+    older one is migrated in one transaction (version 1 -> 2: ids unique per user instead of
+    globally, and the default ids, which version 2 hashes differently, rewritten);
   * ``PRAGMA secure_delete``: ``forget`` overwrites the deleted rows, it does not just unlink them.
 
 PostgreSQL: the tables and statements are plain SQL that PostgreSQL also runs (``ON CONFLICT``,
@@ -35,19 +38,18 @@ from pathlib import Path
 from typing import Iterable
 
 from ..train.config import CogcoreError
-from .events import Event, EventError, validate_user_id
+from .events import Event, EventError, default_event_id, validate_user_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_LINE_BYTES = 256 * 1024     # above any valid event, even one whose text is all \uXXXX escapes
 MAX_RAW_KEPT = 16 * 1024        # how much of a bad line the quarantine keeps
 MAX_NOTE_BYTES = 2 * 1024
 BATCH = 5000                    # events per write transaction while ingesting
 
-SCHEMA = [
-    # seq = arrival order, the tie-breaker between events with the same timestamp.
-    """CREATE TABLE IF NOT EXISTS events (
+# seq = arrival order, the tie-breaker between events with the same timestamp.
+EVENTS_TABLE = """CREATE TABLE IF NOT EXISTS events (
         seq INTEGER PRIMARY KEY,
-        event_id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
         episode_id TEXT NOT NULL,
         ts DOUBLE PRECISION NOT NULL,
@@ -55,8 +57,12 @@ SCHEMA = [
         text TEXT NOT NULL,
         reward DOUBLE PRECISION,
         meta TEXT NOT NULL,
-        ingested_at DOUBLE PRECISION NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts)",
+        ingested_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (user_id, event_id))"""
+EVENTS_INDEX = "CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts)"
+SCHEMA = [
+    EVENTS_TABLE,
+    EVENTS_INDEX,
     """CREATE TABLE IF NOT EXISTS quarantine (
         quarantine_id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
@@ -83,7 +89,7 @@ SCHEMA = [
 ]
 
 INSERT_EVENT = ("INSERT INTO events (event_id, user_id, episode_id, ts, kind, text, reward, meta, ingested_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING")
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, event_id) DO NOTHING")
 INSERT_QUARANTINE = ("INSERT INTO quarantine (quarantine_id, user_id, source, line, raw, reason, at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (quarantine_id) DO NOTHING")
 EVENT_COLUMNS = "event_id, user_id, episode_id, ts, kind, text, reward, meta"
@@ -109,6 +115,15 @@ def _user(user: str) -> str:
         return validate_user_id(user)
     except EventError as e:
         raise CogcoreError(str(e)) from None
+
+
+def _v2_ids(rows):
+    """Version 1 rows with their version-1 default ids replaced by version 2's."""
+    from .events import v1_event_id
+    for seq, event_id, user, episode, ts, kind, text, *rest in rows:
+        if event_id == v1_event_id(user, episode, ts, kind, text):
+            event_id = default_event_id(user, episode, ts, kind, text)
+        yield (seq, event_id, user, episode, ts, kind, text, *rest)
 
 
 def _row_to_event(row) -> Event:
@@ -232,10 +247,26 @@ class ExperienceLog:
             if version > SCHEMA_VERSION:
                 raise CogcoreError(f"experience log {self.path} has schema version {version}, newer than this "
                                    f"cogcore understands ({SCHEMA_VERSION}); upgrade cogcore")
+            if version == 1:
+                self._migrate_v1_events()
             if version < SCHEMA_VERSION:
                 for statement in SCHEMA:
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate_v1_events(self) -> None:
+        """Version 1 -> 2, inside the caller's write transaction (a kill midway leaves version 1 as it
+        was): the events table is rebuilt with ids unique per user, and every id that is version 1's
+        default for its event becomes version 2's default, so re-ingesting an old file still adds
+        nothing. Ids a client gave are kept as they are."""
+        conn = self.conn
+        conn.execute("ALTER TABLE events RENAME TO events_v1")
+        conn.execute(EVENTS_TABLE)
+        rows = conn.execute("SELECT seq, event_id, user_id, episode_id, ts, kind, text, reward, meta, ingested_at "
+                            "FROM events_v1 ORDER BY seq")
+        conn.executemany("INSERT INTO events (seq, event_id, user_id, episode_id, ts, kind, text, reward, meta, "
+                         "ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _v2_ids(rows))
+        conn.execute("DROP TABLE events_v1")   # drops its index too; the caller creates the new one
 
     # ------------------------------------------------------------------ writing
 

@@ -44,6 +44,15 @@ def test_valid_event_fills_defaults_and_the_id_is_a_content_hash():
     assert Event.from_dict(e.to_dict()) == e                           # round trip
 
 
+def test_default_id_is_pinned():
+    """Stored ids must not change between versions, or re-ingesting an old file would add it again:
+    a change here needs a schema migration in memory/log.py (as version 1 -> 2 has)."""
+    pinned = "0dada4d7854f2090b421c41210ffabbf"
+    assert default_event_id("alice", "e1", 1700000000.25, "action", "Issue a refund.") == pinned
+    assert default_event_id("alice", "e1", 1700000000.25, "action", "Issue a refund!") != pinned
+    assert default_event_id("bob", "e1", 1700000000.25, "action", "Issue a refund.") != pinned
+
+
 def test_user_comes_from_the_caller_and_must_match():
     assert Event.from_dict(ev(user_id=...), user="bob").user_id == "bob"
     with pytest.raises(EventError, match="for user 'alice', not for 'bob'"):

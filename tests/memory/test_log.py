@@ -189,6 +189,48 @@ def test_newer_schema_is_refused(tmp_path):
         ExperienceLog.open(str(path))
 
 
+# The events table as schema version 1 wrote it (ids unique across all users, sha256 default ids).
+V1_EVENTS = """CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    episode_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL,
+    reward DOUBLE PRECISION, meta TEXT NOT NULL, ingested_at DOUBLE PRECISION NOT NULL)"""
+
+
+def test_version_1_file_is_migrated_and_old_events_still_count_as_seen(tmp_path, make_history):
+    from cogcore.memory.events import v1_event_id
+    path = tmp_path / "log.sqlite"
+    events = [Event.from_dict(d) for d in make_history("alice", 3)]
+    given = Event.from_dict({"event_id": "client-7", "user_id": "alice", "episode_id": "x", "ts": NOW - 9,
+                             "kind": "feedback", "text": "Thanks, that worked."})
+    con = sqlite3.connect(path)
+    con.execute(V1_EVENTS)
+    con.execute("CREATE INDEX events_user_ts ON events (user_id, ts)")
+    con.executemany("INSERT INTO events (event_id, user_id, episode_id, ts, kind, text, reward, meta, ingested_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(v1_event_id(e.user_id, e.episode_id, e.ts, e.kind, e.text), e.user_id, e.episode_id, e.ts,
+                      e.kind, e.text, e.reward, json.dumps(e.meta), NOW) for e in events]
+                    + [(given.event_id, "alice", "x", given.ts, "feedback", given.text, None, "{}", NOW)])
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+
+    with ExperienceLog.open(str(path)) as log:
+        assert log.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        stored = log.events("alice")
+        assert [e.event_id for e in stored if e.episode_id != "x"] == [e.event_id for e in events]   # v2 ids
+        assert [e.event_id for e in stored if e.episode_id == "x"] == ["client-7"]                   # kept
+        assert sorted((e.ts, e.kind, e.text) for e in stored) == sorted((e.ts, e.kind, e.text) for e in events + [given])
+        assert log.append(events + [given]) == (0, len(events) + 1)   # re-ingesting the old data adds nothing
+        assert log.events("alice", since=NOW - 10) == [given]         # the time index works after the rebuild
+
+
+def test_event_ids_are_unique_per_user_not_across_users(log):
+    """A client id like "1" is the user's own: another user's event with the same id is stored too."""
+    same = {"event_id": "1", "episode_id": "e", "ts": NOW - 5, "kind": "context", "text": "Hello there, help."}
+    assert log.append([dict(same, user_id="alice"), dict(same, user_id="bob")]) == (2, 0)
+    assert log.append([dict(same, user_id="bob")]) == (0, 1)
+    assert [e.text for e in log.events("bob")] == ["Hello there, help."]
+
+
 def test_locked_database_is_one_clear_error(tmp_path, make_history):
     path = tmp_path / "log.sqlite"
     log = ExperienceLog.open(str(path), busy_timeout_s=0.2)
