@@ -382,6 +382,52 @@ GOOD_HELDOUT4_TEMPLATES = [
 ]
 
 
+# Held-out sets, sixth version (junk) and fifth (good): written (and committed) in session 11, before
+# the rules were made to need the classifier's agreement (``junk_rule_confirm``) and before any run on
+# them. New kinds of junk (more slang, dating / diet / customs-fee / gift-card scams, referral links,
+# crash output, unrendered templates, off-topic chat) and good exchanges from domains no other set has
+# (chemistry, music, pets, networking, chess, photography, accounting, language), many of them terse.
+HELDOUT6_JUNK = [
+    "ngl this slaps", "fr fr no cap", "deadass", "ratio", "L take", "mid", "who asked", "cope harder",
+    "Hot singles in your area want to meet you", "Lose 10 pounds in 10 days with this one weird trick",
+    "Act now! Only 3 left in stock", "Use code SAVE15 at checkout for 15% off everything",
+    "Get Premium Plus free for 30 days, cancel anytime*",
+    "Your parcel is waiting: pay the $1.99 customs fee at this link",
+    "This is the tax office, pay your overdue balance with gift cards today",
+    "Hi mum, I lost my phone, can you send money to this new account?",
+    "Your streaming payment failed, update your card here to keep watching",
+    "Check out my podcast, new episode every Tuesday", "Smash that bell icon so you never miss an upload",
+    "Use my referral link for a free month", "NullPointerException at line 42", "Segmentation fault (core dumped)",
+    "null", "NaN", "[object Object]", "{{user_name}}", "TODO: write response", "ERROR 500 Internal Server Error",
+    "idk man, vibes", "anyway how's your day going", "did you see the game last night",
+    "cats are better than dogs, fight me", "i'm so bored rn", "hmm", "k", "zzz", "buy buy buy buy",
+    "no no no no no", "test test 1 2 3", "asdfjkl;",
+]
+GOOD_HELDOUT5_TEMPLATES = [
+    ("What's the chemical symbol for sodium?", "Na"),
+    ("Convert 5 km to miles.", "About 3.1 miles."),
+    ("Which chord is C-E-G?", "C major."),
+    ("My dog ate a grape, should I worry?", "Yes, grapes can be toxic to dogs; call your vet now, even if he seems fine."),
+    ("What does HTTP 404 mean?", "The server could not find the page you asked for."),
+    ("Show the routing table on Linux.", "ip route"),
+    ("How do I undo my last git commit but keep the changes?", "git reset --soft HEAD~1"),
+    ("Best reply to 1. e4 e5 2. Nf3?", "2... Nc6 is the most common: it defends the pawn on e5."),
+    ("Is 'irregardless' a word?", "It is in dictionaries, but 'regardless' is the standard form."),
+    ("What's the square root of 169?", "13"),
+    ("What aperture gives more background blur?", "A wider one, such as f/1.8 rather than f/8."),
+    ("Pretty-print a JSON file in the terminal.", "python -m json.tool data.json"),
+    ("Which is bigger, 3/8 or 2/5?", "2/5 (0.4 is more than 0.375)."),
+    ("Book a table for {n} at 7pm on Friday.", "book_table(party_size={n}, time='19:00', day='friday')"),
+    ("Capital of Australia?", "Canberra."),
+    ("Which depreciation method spreads the cost evenly over the years?", "Straight-line depreciation."),
+    ("How often should I feed a goldfish?", "Once or twice a day, only what it eats in about two minutes."),
+    ("Translate 'thank you' to Japanese.", "Arigatou."),
+    ("Quick: what's 15% of 80?", "12"),
+    ("Do I need a lawyer to write a will?",
+     "Not always: a simple will you can write yourself, but with property abroad or a business a lawyer helps."),
+]
+
+
 def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
                classifier: bool = False, classifier_episodes: int = 250) -> dict:
     from cogcore.memory.junk import judge_episode
@@ -410,6 +456,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for c, a in (rng.choice(GOOD_HELDOUT3_TEMPLATES) for _ in range(n_good))],
         "good_heldout_v4": [[fill(c, rng), fill(a, rng)]
                             for c, a in (rng.choice(GOOD_HELDOUT4_TEMPLATES) for _ in range(n_good))],
+        "good_heldout_v5": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT5_TEMPLATES) for _ in range(n_good))],
         "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
         "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
         "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
@@ -420,6 +468,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT4_JUNK), rng) for _ in range(n_junk))],
         "junk_heldout_v5": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT5_JUNK), rng) for _ in range(n_junk))],
+        "junk_heldout_v6": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
+                            for i, j in enumerate(vary_junk(rng.choice(HELDOUT6_JUNK), rng) for _ in range(n_junk))],
     }
     result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
     verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
