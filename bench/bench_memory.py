@@ -456,8 +456,6 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for c, a in (rng.choice(GOOD_HELDOUT3_TEMPLATES) for _ in range(n_good))],
         "good_heldout_v4": [[fill(c, rng), fill(a, rng)]
                             for c, a in (rng.choice(GOOD_HELDOUT4_TEMPLATES) for _ in range(n_good))],
-        "good_heldout_v5": [[fill(c, rng), fill(a, rng)]
-                            for c, a in (rng.choice(GOOD_HELDOUT5_TEMPLATES) for _ in range(n_good))],
         "junk_dev": [[rng.choice(contexts), vary_junk(rng.choice(dev_junk), rng, slots=False)] for _ in range(n_junk)],
         "junk_dev2": [[rng.choice(contexts), vary_junk(rng.choice(DEV2_JUNK), rng)] for _ in range(n_junk)],
         "junk_dev3": [[rng.choice(contexts), vary_junk(rng.choice(DEV3_JUNK), rng)] for _ in range(n_junk)],
@@ -470,6 +468,9 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT5_JUNK), rng) for _ in range(n_junk))],
         "junk_heldout_v6": [([rng.choice(contexts), j] if i % 3 else [j, "Could you tell me more about what you need?"])
                             for i, j in enumerate(vary_junk(rng.choice(HELDOUT6_JUNK), rng) for _ in range(n_junk))],
+        # the sixth / fifth versions come last, so the sets above are drawn as in earlier runs
+        "good_heldout_v5": [[fill(c, rng), fill(a, rng)]
+                            for c, a in (rng.choice(GOOD_HELDOUT5_TEMPLATES) for _ in range(n_good))],
     }
     result: dict = {"sets": {k: len(v) for k, v in sets.items()}, "heuristics": {}}
     verdicts = {k: [judge_episode(ep) for ep in eps] for k, eps in sets.items()}
