@@ -429,7 +429,7 @@ GOOD_HELDOUT5_TEMPLATES = [
 
 
 def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_score_episodes: int = 100,
-               classifier: bool = False, classifier_episodes: int = 250) -> dict:
+               classifier: bool = False, classifier_episodes: int = 250, classifier_sets: list[str] | None = None) -> dict:
     from cogcore.memory.junk import judge_episode
     from cogcore.memory.junk_examples import (
         DEV2_JUNK,
@@ -487,8 +487,8 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
             "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(misses))[:12]}
     # the headline: held-out junk against the good sets nothing was fitted on (dev junk only shows the
     # rules do what they were written for)
-    junk = verdicts["junk_heldout_v5"]
-    good = verdicts["good_docstrings"] + verdicts["good_heldout_v4"]
+    junk = verdicts["junk_heldout_v6"]
+    good = verdicts["good_docstrings"] + verdicts["good_heldout_v5"]
     tp, fp = sum(bool(v) for v in junk), sum(bool(v) for v in good)
     result["heuristics"]["headline"] = {"heldout_junk_removed": round(tp / len(junk), 4),
                                         "heldout_good_kept": round(1 - fp / len(good), 4),
@@ -499,7 +499,7 @@ def bench_junk(n_good: int, n_junk: int, model_score: bool, model: str, model_sc
         print(f"  junk gate  {name:<16} {key} {h[name][key]:.3f}", flush=True)
 
     if classifier:
-        result["with_classifier"] = _classifier_score(sets, verdicts, model, classifier_episodes)
+        result["with_classifier"] = _classifier_score(sets, verdicts, model, classifier_episodes, classifier_sets)
     if model_score:
         result["with_model_score"] = _model_score(sets, verdicts, model, model_score_episodes, rng)
     return result
@@ -510,14 +510,18 @@ def _junk_text(ep: list[str]) -> str:
     return ep[1] if ep[1] != "Could you tell me more about what you need?" else ep[0]
 
 
-def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
+def _classifier_score(sets, verdicts, model: str, per_set: int, only: list[str] | None = None) -> dict:
     """The junk classifier as consolidation runs it (``junk_classifier=true``): trained from scratch on
     cogcore/memory/junk_examples.py (timed), then an episode is dropped when its request (on its own)
     or its action (as the reply to the request) scores above the threshold; on the first ``per_set``
     episodes of each set."""
+    from cogcore.memory.consolidate import ConsolidateConfig
     from cogcore.memory.junk_classifier import JunkClassifier
     from cogcore.memory.junk_examples import training_examples
     from cogcore.train.model import load_model, load_tokenizer
+    if only:
+        sets = {k: v for k, v in sets.items() if k in only}
+    confirm = ConsolidateConfig.junk_rule_confirm   # the default consolidation runs with
     tok, core = load_tokenizer(model), load_model(model).eval()
     requests, texts, labels = map(list, zip(*training_examples(0)))
     t = time.perf_counter()
@@ -536,31 +540,42 @@ def _classifier_score(sets, verdicts, model: str, per_set: int) -> dict:
            "texts_per_s": round(len(unique) / score_s, 1), "episodes_per_set": per_set,
            "in_training": "good_templates' templates, the train half of the docstring sentences (good_docstrings "
                           "is the test half), junk_dev, junk_dev2, junk_dev3; never good_heldout_*, junk_heldout_*",
-           "headline_sets": "junk_heldout_v5 against good_docstrings + good_heldout_v4, the freshest sets: v1 (good) "
+           "junk_rule_confirm": confirm,
+           "headline_sets": "junk_heldout_v6 against good_docstrings + good_heldout_v5, the freshest sets: v1 (good) "
                             "and v3 (junk) were read after the first run, v2 (good) and v4 (junk) after the second, "
-                            "v3 (good) after the third, and the classifier was changed after each (training texts, "
-                            "then reading the action after its request); v4 / v5 were written before the last change"}
-    both: dict[str, list[bool]] = {}     # what consolidation drops with the rules and the classifier on
+                            "v3 (good) after the third, v4 (good) and v5 (junk) after the fourth, and the classifier "
+                            "was changed after each; v5 (good) / v6 (junk) were written before the rules were made "
+                            "to need the classifier's agreement (junk_rule_confirm)"}
+    both: dict[str, list[bool]] = {}     # rules and classifier, each dropping on its own (junk_rule_confirm=0)
     alone: dict[str, list[bool]] = {}    # ... with junk_rules=[classifier]: the classifier alone
+    confirmed: dict[str, list[bool]] = {}   # the default with the classifier on: a rule needs P(junk) >= confirm
     for name, eps in sets.items():
         eps, heur = eps[:per_set], [bool(v) for v in verdicts[name][:per_set]]
-        clf_says = [max(prob[(None, ep[0])], prob[(ep[0], ep[1])]) > clf.threshold for ep in eps]
+        worst = [max(prob[(None, ep[0])], prob[(ep[0], ep[1])]) for ep in eps]
+        clf_says = [p > clf.threshold for p in worst]
         both[name] = [h or c for h, c in zip(heur, clf_says)]
         alone[name] = clf_says
+        confirmed[name] = [c or (h and p >= confirm) for h, c, p in zip(heur, clf_says, worst)]
         is_junk = name.startswith("junk")
         key = "removed" if is_junk else "kept"
         share = functools.partial(_share, key=key)
         wrong = [_junk_text(ep) if is_junk else ep[1] for ep, d in zip(eps, both[name]) if d != is_junk]
         out[name] = {key: share(both[name]), f"heuristics_alone_{key}": share(heur),
-                     f"classifier_alone_{key}": share(clf_says), "evaluated_on": len(eps),
+                     f"classifier_alone_{key}": share(clf_says), f"rules_confirmed_{key}": share(confirmed[name]),
+                     "evaluated_on": len(eps),
                      "dropped_by_classifier_only": sum(c and not h for h, c in zip(heur, clf_says)),
                      "missed_examples" if is_junk else "wrongly_dropped_examples": sorted(set(wrong))[:12]}
         print(f"  + junk classifier ({model})  {name:<16} {key}: heuristics {out[name][f'heuristics_alone_{key}']:.3f}, "
-              f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}", flush=True)
-    for label, dropped in (("headline", both), ("headline_classifier_alone", alone)):
-        junk, good = dropped["junk_heldout_v5"], dropped["good_docstrings"] + dropped["good_heldout_v4"]
+              f"classifier {out[name][f'classifier_alone_{key}']:.3f}, both {out[name][key]:.3f}, "
+              f"rules confirmed {out[name][f'rules_confirmed_{key}']:.3f}", flush=True)
+    for label, dropped in (("headline", both), ("headline_classifier_alone", alone),
+                           ("headline_rules_confirmed", confirmed)):
+        if not {"junk_heldout_v6", "good_docstrings", "good_heldout_v5"} <= set(dropped):
+            continue
+        junk, good = dropped["junk_heldout_v6"], dropped["good_docstrings"] + dropped["good_heldout_v5"]
         tp, fp = sum(junk), sum(good)
         out[label] = {"heldout_junk_removed": round(tp / len(junk), 4), "heldout_good_kept": round(1 - fp / len(good), 4),
+                      "new_domains_good_kept": _share(dropped["good_heldout_v5"], "kept"),
                       "precision_on_heldout_mix": round(tp / max(1, tp + fp), 4)}
         print(f"  {label}: held-out junk removed {out[label]['heldout_junk_removed']:.3f}, held-out good kept "
               f"{out[label]['heldout_good_kept']:.3f}", flush=True)
@@ -639,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifier", action="store_true", help="also train the junk classifier under --model and "
                                                                "score the sets with it (a few minutes on CPU)")
     ap.add_argument("--classifier-episodes", type=int, default=250, help="episodes per set scored by the classifier")
+    ap.add_argument("--classifier-sets", nargs="+", help="score only these sets with the classifier (default: all)")
     ap.add_argument("--only", choices=["ingest", "consolidation", "junk"], action="append",
                     help="run only these parts (repeatable; default: all)")
     ap.add_argument("--out", default="bench/results/memory.json")
@@ -656,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if "junk" in parts:
         print("== junk gate", flush=True)
         result["junk_gate"] = bench_junk(args.good, args.junk, args.model_score, args.model, args.model_score_episodes,
-                                         args.classifier, args.classifier_episodes)
+                                         args.classifier, args.classifier_episodes, args.classifier_sets)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

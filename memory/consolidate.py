@@ -84,6 +84,11 @@ class ConsolidateConfig:
                                               "junk_threshold; trained on first use (~2 min on CPU for the "
                                               "embedded model) and kept in <workspace>/experience/junk-classifier")
     junk_threshold: float = field(0.5, help="P(junk) above which the junk classifier drops an episode")
+    junk_rule_confirm: float = field(0.25, help="with the junk classifier on, a named rule drops an episode only "
+                                                "when the classifier gives it at least this P(junk): the rule names "
+                                                "the kind of junk, the core's reading confirms it (so a terse good "
+                                                "answer such as '144' is not taken for chatter); 0 = rules drop on "
+                                                "their own")
     near_duplicate_threshold: float = field(0.85, help="Jaccard similarity of character shingles above which two "
                                                        "episodes are near-duplicates (the later one is dropped)")
     shingle_chars: int = field(5, help="characters per shingle for near-duplicate detection")
@@ -105,6 +110,8 @@ class ConsolidateConfig:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if not 0 < self.junk_threshold < 1:
             raise ValueError(f"junk_threshold={self.junk_threshold} must be in (0, 1)")
+        if not 0 <= self.junk_rule_confirm < 1:
+            raise ValueError(f"junk_rule_confirm={self.junk_rule_confirm} must be in [0, 1)")
         if not 0 < self.near_duplicate_threshold <= 1:
             raise ValueError(f"near_duplicate_threshold={self.near_duplicate_threshold} must be in (0, 1]")
         for name in ("policy_weight", "world_weight", "replay_weight", "max_perplexity"):
@@ -411,6 +418,8 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
         # 2. drop incomplete, junk and duplicate episodes
         kept, junk_steps = [], set()
         judged: dict[str, list[str]] = {}   # per kept episode: the request and the actions judged above
+        use_classifier = cfg.junk_classifier and "classifier" in cfg.junk_rules
+        flagged: dict[str, tuple[str, str]] = {}   # rule verdicts waiting for the classifier to confirm them
         for ep in _bar(episodes, f"{user}: junk gate", cfg.progress):
             if not ep.context or not ep.steps:
                 _count(report["incomplete"], ep.episode_id)
@@ -424,7 +433,9 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
             failed = set(o.failed) if o.right is not None else set()  # no correction: judge every action
             kept_texts = [ep.context] + [s.action for i, s in enumerate(ep.steps) if i not in failed]
             verdict = judge_episode([t for t in kept_texts if t], rules)
-            if verdict:
+            if verdict and use_classifier and cfg.junk_rule_confirm > 0:
+                flagged[ep.episode_id] = verdict
+            elif verdict:
                 _count(report["junk"]["rules"][verdict[0]], _clip(verdict[1], 160))
                 continue
             for i in failed:
@@ -437,8 +448,8 @@ def consolidate(log: ExperienceLog, user: str, cfg: ConsolidateConfig | None = N
             kept = _perplexity_gate(kept, cfg, report)
         if cfg.relevance and "relevance" in cfg.junk_rules and kept:
             kept = _relevance_gate(kept, judged, cfg, report)
-        if cfg.junk_classifier and "classifier" in cfg.junk_rules and kept:
-            kept = _classifier_gate(kept, judged, cfg, report)
+        if use_classifier and kept:
+            kept = _classifier_gate(kept, judged, flagged, cfg, report)
         report["junk"]["dropped"] = sum(r["count"] for r in report["junk"]["rules"].values())
 
         dedup = Deduplicator(cfg.near_duplicate_threshold, cfg.shingle_chars, cfg.num_perm)
@@ -564,10 +575,12 @@ def _relevance_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Cons
                         lambda score: f"relevance {score:+.2f}", report)
 
 
-def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: ConsolidateConfig,
-                     report: dict) -> list[Episode]:
+def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], flagged: dict[str, tuple[str, str]],
+                     cfg: ConsolidateConfig, report: dict) -> list[Episode]:
     """Judged on what the rules judged: the request on its own, and each action a policy would learn
-    from as the reply to the request."""
+    from as the reply to the request. An episode goes when its worst P(junk) is above junk_threshold,
+    or when a rule ``flagged`` it and the classifier agrees at least at junk_rule_confirm (counted
+    under the rule); a flagged episode the classifier reads as fine is kept and counted as overruled."""
     from .junk_classifier import load_or_train
     scorer = _scorer(cfg.model)
     clf = load_or_train(scorer.model, scorer.tok, progress=cfg.progress)
@@ -583,8 +596,19 @@ def _classifier_gate(kept: list[Episode], judged: dict[str, list[str]], cfg: Con
     worst: list[tuple[float, str]] = [(0.0, "")] * len(kept)
     for k, p, text in zip(owner, probs, texts):
         worst[k] = max(worst[k], (p, text))
-    return _drop_scored(kept, worst, lambda p: p > cfg.junk_threshold, "classifier", lambda p: f"P(junk) {p:.2f}",
-                        report)
+    overruled = report["junk"].setdefault("overruled_by_classifier", {"count": 0, "examples": []})
+    out = []
+    for ep, (p, text) in zip(kept, worst):
+        rule = flagged.get(ep.episode_id)
+        if p > cfg.junk_threshold:
+            _count(report["junk"]["rules"]["classifier"], f"{_clip(text, 140)} (P(junk) {p:.2f})")
+        elif rule and p >= cfg.junk_rule_confirm:
+            _count(report["junk"]["rules"][rule[0]], f"{_clip(rule[1], 140)} (P(junk) {p:.2f})")
+        else:
+            if rule:
+                _count(overruled, f"{rule[0]}: {_clip(rule[1], 120)} (P(junk) {p:.2f})")
+            out.append(ep)
+    return out
 
 
 def _drop_scored(kept: list[Episode], scored: list[tuple[float, str]], is_junk, rule: str, describe,
@@ -737,6 +761,10 @@ def summary(report: dict) -> str:
         if slot["count"]:
             ex = "; ".join(repr(e) for e in slot["examples"])
             lines.append(f"    {rule:<16} {slot['count']:>5}  e.g. {ex}")
+    if r["junk"].get("overruled_by_classifier", {}).get("count"):
+        slot = r["junk"]["overruled_by_classifier"]
+        lines.append(f"    kept: {slot['count']} flagged by a rule, read as fine by the classifier, e.g. "
+                     + "; ".join(repr(e) for e in slot["examples"]))
     lines.append(f"  duplicates  {r['duplicates']['exact']} exact, {r['duplicates']['near']} near")
     o = r["outcomes"]
     lines.append(f"  outcomes    {o['succeeded']} succeeded, {o['failed']} failed, {o['unknown']} without an outcome")

@@ -19,8 +19,10 @@ from cogcore.memory.consolidate import (
     latest_set,
     load_set,
     outcome,
+    summary,
 )
 from cogcore.memory.events import Episode, Event
+from cogcore.memory.junk import judge_episode
 from cogcore.memory.log import ExperienceLog
 from cogcore.train.config import CogcoreError
 
@@ -260,6 +262,43 @@ def test_classifier_gate_drops_what_the_workspace_classifier_calls_junk(log, des
     assert all("P(junk)" in ex for ex in slot["examples"])
     with pytest.raises(ValueError, match="junk_threshold"):
         ConsolidateConfig(junk_threshold=1.5)
+
+
+def test_with_the_classifier_on_a_rule_needs_its_agreement(log, desk, make_history, tmp_path, one_thread,
+                                                          monkeypatch):
+    """A terse good answer trips a rule (too_short) but the classifier reads it as fine: kept, counted as
+    overruled; chatter that trips the same rule and that the classifier calls junk is dropped under the
+    rule's name. With junk_rule_confirm=0 the rule drops both on its own."""
+    from cogcore.memory.events import Episode as Ep
+    from cogcore.memory.junk_classifier import JunkClassifier, default_path
+    from cogcore.train.model import load_model, load_tokenizer
+    monkeypatch.setenv("COGCORE_HOME", str(tmp_path / "home"))
+    events = make_history("alice", 8, t0=NOW - 86400)
+    terse, chatter = "ip route", "lol ok"
+    assert judge_episode([terse]) == ("too_short", terse) and judge_episode([chatter]) == ("too_short", chatter)
+    events += desk.junk_episode("alice", "terse", NOW - 5000, terse)
+    events += desk.junk_episode("alice", "chatter", NOW - 4000, chatter)
+    log.append(events)
+    examples = set()
+    for evs in log.episodes("alice"):
+        request, *actions = Ep.from_events(evs).texts()
+        examples |= {(None, request, 0)} | {(request, a, int(a == chatter)) for a in actions}
+    requests, texts, labels = map(list, zip(*sorted(examples, key=str)))
+    model, tok = load_model("tiny-llama"), load_tokenizer("tiny-llama")
+    JunkClassifier.train(model, tok, texts, labels, requests).save(default_path(model.base_hash))
+    # a threshold the classifier alone never reaches: what it drops, it drops by confirming the rule
+    on = consolidate(log, "alice", ConsolidateConfig(**{**cfg(tmp_path).__dict__, "junk_classifier": True,
+                                                       "junk_threshold": 0.999999}))
+    junk = on.report["junk"]
+    assert junk["dropped"] == 1 and junk["rules"]["too_short"]["count"] == 1
+    assert chatter in junk["rules"]["too_short"]["examples"][0] and "P(junk)" in junk["rules"]["too_short"]["examples"][0]
+    assert junk["overruled_by_classifier"]["count"] == 1 and terse in junk["overruled_by_classifier"]["examples"][0]
+    assert "read as fine by the classifier" in summary(on.report)
+    alone = consolidate(log, "alice", ConsolidateConfig(**{**cfg(tmp_path).__dict__, "junk_classifier": True,
+                                                          "junk_rule_confirm": 0.0}))
+    assert alone.report["junk"]["rules"]["too_short"]["count"] == 2
+    with pytest.raises(ValueError, match="junk_rule_confirm"):
+        ConsolidateConfig(junk_rule_confirm=1.0)
 
 
 @pytest.mark.slow
