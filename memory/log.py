@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..train.config import CogcoreError
-from .events import Event, EventError, default_event_id, validate_user_id
+from .events import Event, EventError, default_event_id, validate_user_id, validated_fields
 
 SCHEMA_VERSION = 2
 MAX_LINE_BYTES = 256 * 1024     # above any valid event, even one whose text is all \uXXXX escapes
@@ -275,7 +275,7 @@ class ExperienceLog:
         of its batch). Returns (added, duplicates): an event_id already stored is skipped."""
         batch, added, dups = [], 0, 0
         for e in events:
-            batch.append(e if isinstance(e, Event) else Event.from_dict(e))
+            batch.append(e.fields() if isinstance(e, Event) else validated_fields(e))
             if len(batch) >= BATCH:
                 a, d = self._insert(batch, [])
                 added, dups, batch = added + a, dups + d, []
@@ -284,10 +284,10 @@ class ExperienceLog:
             added, dups = added + a, dups + d
         return added, dups
 
-    def _insert(self, events: list[Event], quarantine: list[tuple]) -> tuple[int, int]:
+    def _insert(self, events: list[tuple], quarantine: list[tuple]) -> tuple[int, int]:
+        """``events``: validated fields (events.validated_fields), stored with meta as JSON."""
         now = time.time()
-        rows = [(e.event_id, e.user_id, e.episode_id, e.ts, e.kind, e.text, e.reward,
-                 json.dumps(e.meta, ensure_ascii=False, sort_keys=True) if e.meta else "{}", now) for e in events]
+        rows = [(*f[:7], json.dumps(f[7], ensure_ascii=False, sort_keys=True) if f[7] else "{}", now) for f in events]
         with self._write(f"appending {len(rows)} events") as conn:
             before = conn.total_changes
             conn.executemany(INSERT_EVENT, rows)
@@ -305,7 +305,7 @@ class ExperienceLog:
             raise CogcoreError(f"{path} does not exist or is not a file; pass a JSONL file with one event per line")
         source = str(path.resolve())
         report = IngestReport(str(path), user)
-        events: list[Event] = []
+        events: list[tuple] = []
         quarantine: list[tuple] = []
 
         def flush():
@@ -324,7 +324,7 @@ class ExperienceLog:
                 report.lines += 1
                 reason = None
                 try:
-                    event = Event.from_dict(_parse_line(raw), user)
+                    event = validated_fields(_parse_line(raw), user)
                 except EventError as e:
                     reason = str(e)
                 if reason is None:
