@@ -30,8 +30,13 @@ for 10,000 events of 100 users, and the junk gate's precision/recall on a plante
     neutral request; threshold = 1st percentile on the same half); both evaluated on the rest.
     Relevance was added after the held-out misses had been read (fluent ads, channel intros, scam
     lines that perplexity passes); it has one number fitted, its threshold, on good episodes only.
+    With ``--classifier`` the junk classifier is trained under ``--model`` and scores the first
+    ``--classifier-episodes`` of each set (``--classifier-sets`` to pick sets): the rules and the
+    classifier each dropping alone, the classifier alone, and the rules confirmed by the classifier
+    (what consolidation does with ``junk_classifier=true``: a rule needs P(junk) >= junk_rule_confirm);
+    the headline is junk_heldout_v6 against good_docstrings + good_heldout_v5.
 
-    python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score]
+    python -m cogcore.bench.bench_memory [--events 20000] [--repeats 5] [--model-score] [--classifier]
 """
 
 from __future__ import annotations
