@@ -30,6 +30,8 @@ def print_table(results: dict) -> None:
     Console().print(t)
     phases = "  ".join(f"{k} {v:.0f}s" for k, v in results["phases_s"].items())
     Console().print(f"time per phase: {phases}  (total {sum(results['phases_s'].values()):.0f}s)")
+    for t in results.get("targets", []):
+        Console().print(f"  {t['status']:<12} {t['target']}: {t['detail']}", highlight=False, markup=False)
 
 
 def _bar_chart(path: Path, users: dict, before_key: str, after_key: str, title: str) -> None:
@@ -94,6 +96,8 @@ general probe: {results['n_probes']} real-world questions that the gate does not
 Planted junk: {junk.get('planted', 0)} episodes, dropped by consolidation: {junk.get('dropped', 0)}.</p>
 <table><tr><th>user</th><th>success</th><th>world model</th><th>general probe</th><th>leakage</th><th>gate</th><th>gate's reasons</th></tr>
 {''.join(rows)}</table>
+<h2>Targets</h2>
+<table>{''.join(f"<tr><td>{html.escape(t['status'])}</td><td>{html.escape(t['target'])}</td><td>{html.escape(t['detail'])}</td></tr>" for t in results.get('targets', []))}</table>
 <h2>Before and after sleep</h2>
 <img src="success.png"> <img src="world_model.png"> <img src="general_probe.png">
 <h2>Time</h2><img src="phases.png">

@@ -210,11 +210,43 @@ def run(cfg: DemoConfig) -> dict:
                     "config": asdict(cfg), "phases_s": phases.times, "total_s": round(time.time() - t_start, 1),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
                                f"{_torch_threads()}, python {platform.python_version()}"})
+    results["targets"] = check_targets(results)
     from .report import print_table, write_report
     print_table(results)
     page = write_report(out, results)
     print(f"report: {page}", flush=True)
     return results
+
+
+TIME_LIMIT_S = 600   # the issue's budget: the whole demo in 10 minutes on 2 CPU cores
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The demo's targets, judged on this run: each with PASS / FAIL (or "not measured") and what decided it."""
+    users = results["users"]
+    tol = results["probe_tolerance"]
+
+    def row(name: str, passed: bool | None, detail: str) -> dict:
+        return {"target": name, "status": "not measured" if passed is None else ("PASS" if passed else "FAIL"),
+                "detail": detail}
+
+    out = [row("held-out success: <= 20% before, >= 80% after, every user",
+               all(r["success_before"] <= 0.2 and r["success_after"] >= 0.8 for r in users.values()),
+               ", ".join(f"{u} {r['success_before']:.0%} -> {r['success_after']:.0%}" for u, r in users.items()))]
+    if results["n_probes"]:
+        drops = {u: r["probe_before"] - r["probe_after"] for u, r in users.items()}
+        out.append(row(f"general probe: drop <= {tol * 100:g} points (the gate's tolerance), every user",
+                       all(d <= tol + 1e-9 for d in drops.values()),
+                       ", ".join(f"{u} {-d * 100:+.1f} (lost {r['probe_change']['lost']}, gained "
+                                 f"{r['probe_change']['gained']})" for (u, d), r in zip(drops.items(), users.values()))
+                       + f" of {results['n_probes']} questions"))
+    else:
+        out.append(row("general probe", None, "probes=0"))
+    out.append(row("cross-user leakage <= 5%, every user", all(r["leakage"] <= 0.05 for r in users.values()),
+                   ", ".join(f"{u} {r['leakage']:.0%}" for u, r in users.items())))
+    total = sum(results["phases_s"].values())
+    out.append(row(f"time <= {TIME_LIMIT_S // 60} minutes (2 CPU cores)", total <= TIME_LIMIT_S, f"{total:.0f} s"))
+    return out
 
 
 def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, tokenizer, core_hash: str,
@@ -262,9 +294,12 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
                          actions=before["actions"])
         leakage = _leakage(server, users, split, cfg, policy_messages)
 
+    from cogcore.lora.gate import paired_change
     per_user = {}
     for u in users:
+        hits_after = after["probe_hits"].get(u.id, [])
         per_user[u.id] = {
+            "probe_change": paired_change(before["probe_hits"]["core"], hits_after) if hits_after else None,
             "success_before": before["success"][u.id], "success_after": after["success"][u.id],
             "world_before": before["world"][u.id], "world_after": after["world"][u.id],
             "probe_before": before["probe"]["core"], "probe_after": after["probe"].get(u.id, float("nan")),
@@ -274,6 +309,7 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
                                                            if k.startswith("n_")},
         }
     return {"users": per_user, "heldout_per_user": cfg.heldout, "n_probes": len(probes),
+            "probe_tolerance": _sleep_config(cfg, [u.id for u in users]).refresh.gate.probe_tolerance,
             "junk": {"planted": planted, "dropped": junk_dropped}, "sleep": sleep_report,
             "samples": after.get("samples", {})}
 
@@ -362,6 +398,7 @@ def _measure(server, users, split, probes, cfg, model_of, policy_messages, world
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"success": {k: mean(v) for k, v in success.items()}, "world": {k: mean(v) for k, v in world.items()},
             "probe": {("core" if m == "core" else m.split(":", 1)[1]): mean(v) for m, v in probe.items()},
+            "probe_hits": {("core" if m == "core" else m.split(":", 1)[1]): v for m, v in probe.items()},
             "samples": samples, "actions": actions}
 
 
@@ -384,11 +421,9 @@ def _leakage(server, users, split, cfg, policy_messages) -> dict:
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
-    """consolidate -> one grouped refresh of every user -> gate -> publish: one `cogcore sleep` cycle."""
-    from cogcore.lora.registry import AdapterRegistry
-    from cogcore.lora.sleep import SleepConfig, cycle
-    from cogcore.memory.consolidate import latest_set
+def _sleep_config(cfg: DemoConfig, user_ids: list[str]):
+    """The `cogcore sleep` settings the demo runs with."""
+    from cogcore.lora.sleep import SleepConfig
     overrides = [f"users=[{','.join(user_ids)}]", "min_new_events=1",
                  f"consolidate.seed={cfg.seed}", f"refresh.model.source={cfg.model.source}",
                  f"refresh.model.seed={cfg.model.seed}",
@@ -402,8 +437,15 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
                  f"refresh.gate.max_new_tokens={cfg.max_new_tokens}",
                  f"consolidate.replay_source={cfg.replay_source}", f"consolidate.replay_share={cfg.replay_share}",
                  f"refresh.data.replay_answers={cfg.replay_answers}"] + list(cfg.sleep_overrides)
-    scfg = load_config(SleepConfig, None, overrides)
-    rows = cycle(scfg)
+    return load_config(SleepConfig, None, overrides)
+
+
+def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
+    """consolidate -> one grouped refresh of every user -> gate -> publish: one `cogcore sleep` cycle."""
+    from cogcore.lora.registry import AdapterRegistry
+    from cogcore.lora.sleep import cycle
+    from cogcore.memory.consolidate import latest_set
+    rows = cycle(_sleep_config(cfg, user_ids))
     registry = AdapterRegistry()
     out = {}
     for row in rows:

@@ -31,6 +31,8 @@ def test_quick_demo_learns_each_users_rule(cli, tmp_path):
     for f in ("report.html", "success.png", "world_model.png", "phases.png"):
         assert (out / f).is_file(), f
     assert "before sleep -> after sleep" in proc.stdout
+    assert [t["status"] for t in results["targets"]][1] == "not measured"      # --quick asks no probes
+    assert "held-out success: <= 20% before" in proc.stdout
 
     # a second run: every event is already logged, so nobody is due and the adapters are reused
     again = cli("--home", str(home), "demo", "--quick", "--out", str(out), timeout=900)
@@ -101,3 +103,23 @@ def test_the_demos_probes_are_not_the_ones_the_gate_asks():
     assert len(demo) == 40 and len({p.question for p in demo}) == 40
     assert not gate & {p.question for p in demo}
     assert _probe_questions(0, 20) == []
+
+
+def test_targets_are_judged_on_the_run():
+    from cogcore.demo.run import check_targets
+
+    def user(before, after, probe_before, probe_after, leakage=0.0):
+        return {"success_before": before, "success_after": after, "probe_before": probe_before,
+                "probe_after": probe_after, "leakage": leakage, "probe_change": {"lost": 3, "gained": 1}}
+    results = {"users": {"a": user(0.0, 1.0, 0.80, 0.75), "b": user(0.1, 0.9, 0.80, 0.73)}, "n_probes": 110,
+               "probe_tolerance": 0.075, "phases_s": {"wake": 100.0, "sleep": 400.0}}
+    got = {t["target"].split(":")[0]: t for t in check_targets(results)}
+    assert [t["status"] for t in got.values()] == ["PASS", "PASS", "PASS", "PASS"]
+    assert "a -5.0 (lost 3, gained 1)" in got["general probe"]["detail"]
+    results["users"]["b"] = user(0.3, 0.9, 0.80, 0.70, leakage=0.1)   # 30% before, -10 points, leaks
+    results["phases_s"]["sleep"] = 560.0
+    got = {t["target"].split(":")[0]: t["status"] for t in check_targets(results)}
+    assert got == {"held-out success": "FAIL", "general probe": "FAIL", "cross-user leakage <= 5%, every user": "FAIL",
+                   "time <= 10 minutes (2 CPU cores)": "FAIL"}
+    results["n_probes"] = 0
+    assert check_targets(results)[1]["status"] == "not measured"
