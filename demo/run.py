@@ -55,8 +55,8 @@ class DemoConfig:
     gate_probes: int = field(40, help="real-world probes the gate itself asks (a set apart from the demo's own "
                                       "probes above; 0 = the gate guards general ability by losses only)")
     gate_general_documents: int = field(64, help="general questions whose answers and loss the gate compares with the base")
-    concurrency: int = field(32, help="requests in flight at once (the server batches them; 32 ran the demo's "
-                                      "wake, before and after phases in 188 s against 252 s at 16, 2 CPU cores)")
+    concurrency: int = field(64, help="requests in flight at once (the server decodes up to this many in one batch; "
+                                      "on 2 CPU cores 32 ran the server phases in 188 s against 252 s at 16)")
     lora_r: int = field(16, help="rank of each user's adapter")
     lora_alpha: float = field(32.0, help="LoRA alpha")
     steps: int = field(16, help="optimizer steps of the grouped refresh")
@@ -290,9 +290,10 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
 
     # 6. after sleep: the same through each user's adapter, hot-swapped into the running server
     with phases("after", "held-out episodes through each user's adapter"):
+        leak_jobs, leak_keys = _leakage_jobs(users, split, policy_messages)
         after = _measure(server, users, split, probes, cfg, lambda u: f"core:{u.id}", policy_messages, world_messages,
-                         actions=before["actions"])
-        leakage = _leakage(server, users, split, cfg, policy_messages)
+                         actions=before["actions"], extra_jobs=leak_jobs)
+        leakage = _leakage(users, leak_keys, after["extra"])
 
     from cogcore.lora.gate import paired_change
     per_user = {}
@@ -358,13 +359,15 @@ def _probe_questions(n: int, gate_probes: int) -> list:
 
 
 def _measure(server, users, split, probes, cfg, model_of, policy_messages, world_messages,
-             actions: dict | None = None) -> dict:
+             actions: dict | None = None, extra_jobs: list | None = None) -> dict:
     """Held-out success, world-model accuracy and general probe accuracy for each user's model.
 
     World model: given a held-out request and a first action, does the model predict what the
     environment answers to it? The actions are the plain core's own first replies (what an
     unrefreshed agent really does), so before and after are asked about the same actions:
-    ``actions=None`` takes them from this round's policy replies (a second round of requests)."""
+    ``actions=None`` takes them from this round's policy replies (a second round of requests).
+    ``extra_jobs`` ride along in the same stream of requests (the server's batches stay full to the
+    end instead of draining twice); their replies come back as ``extra``."""
     from cogcore.eval.probes import mentions
     T = cfg.max_new_tokens
     held = [(u, i, e) for u in users for i, e in enumerate(split[u.id][1])]
@@ -374,7 +377,9 @@ def _measure(server, users, split, probes, cfg, model_of, policy_messages, world
     jobs += [(m, [{"role": "user", "content": p.question}], cfg.probe_max_new_tokens) for m, p in asked]
     if actions is not None:
         jobs += [(model_of(u), world_messages(e.request, actions[(u.id, i)])) for u, i, e in held]
-    replies = ask_all(server, jobs, T, cfg.concurrency, "measure")
+    extra_jobs = extra_jobs or []
+    replies = ask_all(server, jobs + extra_jobs, T, cfg.concurrency, "measure")
+    replies, extra = replies[:len(jobs)], replies[len(jobs):]
     policy_replies, probe_replies = replies[:len(held)], replies[len(held):len(held) + len(asked)]
     if actions is None:
         actions = {(u.id, i): r for (u, i, _), r in zip(held, policy_replies)}
@@ -399,11 +404,11 @@ def _measure(server, users, split, probes, cfg, model_of, policy_messages, world
     return {"success": {k: mean(v) for k, v in success.items()}, "world": {k: mean(v) for k, v in world.items()},
             "probe": {("core" if m == "core" else m.split(":", 1)[1]): mean(v) for m, v in probe.items()},
             "probe_hits": {("core" if m == "core" else m.split(":", 1)[1]): v for m, v in probe.items()},
-            "samples": samples, "actions": actions}
+            "samples": samples, "actions": actions, "extra": extra}
 
 
-def _leakage(server, users, split, cfg, policy_messages) -> dict:
-    """User A's adapter on every other user's held-out requests: how often does it apply THEIR rule?"""
+def _leakage_jobs(users, split, policy_messages) -> tuple[list, list]:
+    """User A's adapter on every other user's held-out requests: the requests and (A, B) per request."""
     jobs, keys = [], []
     for a in users:
         for b in users:
@@ -412,13 +417,15 @@ def _leakage(server, users, split, cfg, policy_messages) -> dict:
             for e in split[b.id][1]:
                 jobs.append((f"core:{a.id}", policy_messages(e.request)))
                 keys.append((a, b))
-    if not jobs:
-        return {u.id: 0.0 for u in users}
-    replies = ask_all(server, jobs, cfg.max_new_tokens, cfg.concurrency, "cross-user")
+    return jobs, keys
+
+
+def _leakage(users, keys: list, replies: list[str]) -> dict:
+    """How often user A's adapter applies user B's rule to B's requests (0 with a single user)."""
     hits = {u.id: [] for u in users}
     for (a, b), reply in zip(keys, replies):
         hits[a.id].append(b.succeeds(reply))
-    return {k: sum(v) / len(v) for k, v in hits.items()}
+    return {k: sum(v) / len(v) if v else 0.0 for k, v in hits.items()}
 
 
 def _sleep_config(cfg: DemoConfig, user_ids: list[str]):
