@@ -86,8 +86,14 @@ class GateConfig:
 # ----------------------------------------------------------------------------- model switching
 
 @contextlib.contextmanager
-def using(model, adapter: str | None):
-    """Run ``model`` as the base (``adapter=None``) or with one named adapter active."""
+def using(model, adapter: str | None, merged: bool = False):
+    """Run ``model`` as the base (``adapter=None``) or with one named adapter active.
+
+    ``merged``: fold the adapter into the base weights for the duration (same function, one matmul
+    per layer instead of three): greedy generation in the demo's gate ran 1.25x faster at 64
+    prompts and 2.5x at 11 on one CPU. The adapted weights are copied first and put back after:
+    unmerging alone leaves them ~1e-7 off, which flipped 29k of their bf16 roundings and moved a
+    bf16-scored loss by 0.3 %. Only fp32 bases up to ``MERGE_COPY_BYTES`` are merged."""
     was_training = model.training
     model.eval()
     if adapter is None:
@@ -96,11 +102,33 @@ def using(model, adapter: str | None):
     else:
         before = model.active_adapter
         model.set_adapter(adapter)
+        layers = mergeable(model) if merged else []
+        saved = [layer.weight.detach().clone() for layer in layers]
+        if layers:
+            model.merge_adapter([adapter])
         try:
             yield model
         finally:
+            if layers:
+                model.unmerge_adapter()
+                with torch.no_grad():
+                    for layer, w in zip(layers, saved):
+                        layer.weight.copy_(w)
             model.set_adapter(before)
     model.train(was_training)
+
+
+MERGE_COPY_BYTES = 2 << 30  # the copy ``using(merged=True)`` keeps of the adapted weights, at most
+
+
+def mergeable(model) -> list[torch.nn.Linear]:
+    """The base layers under the adapters, when merging is exact and cheap: every one a plain fp32
+    ``nn.Linear`` (a bf16 or 4-/8-bit weight would round the delta) and their copy within
+    ``MERGE_COPY_BYTES``; else none."""
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    if not bases or not all(type(b) is torch.nn.Linear and b.weight.dtype == torch.float32 for b in bases):
+        return []
+    return bases if sum(b.weight.numel() * 4 for b in bases) <= MERGE_COPY_BYTES else []
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -132,9 +160,20 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenize_record({"segments": [{"text": text, "weight": 0.0}]}, tokenizer, add_eos=False).input_ids
 
 
-def replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+def replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+            memo: dict | None = None, who: str = "") -> list[str]:
+    """Greedy replies. With ``memo``, a reply of ``who`` (the base, or an adapter name) to a prompt
+    already asked is reused: the gate asks the base the same held-out prompts as a reference, as
+    leakage prompts, and again for every other user it gates."""
     from cogcore.eval.core import generate
-    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if memo is None:
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    key = lambda p: (who, tuple(p), max_new_tokens)  # noqa: E731
+    todo = list({key(p): p for p in prompts if key(p) not in memo}.values())
+    if todo:
+        for p, r in zip(todo, generate(model, tokenizer, todo, max_new_tokens=max_new_tokens, batch_size=batch_size)):
+            memo[key(p)] = r
+    return [memo[key(p)] for p in prompts]
 
 
 def normalise(text: str) -> str:
@@ -216,25 +255,42 @@ def _answer_hit(reply: str, want: str) -> bool:
     return bool(result) and re.search(rf"(?<![\w-]){re.escape(result[-1])}(?!\w)", reply, re.I) is not None
 
 
-def general_metrics(model, tokenizer, cfg: GateConfig) -> dict:
+def probe_questions(tokenizer, cfg: GateConfig) -> tuple[list, list[list[int]]]:
+    """The gate's real-world probes and their prompts."""
+    from cogcore.eval.core import probe_prompt
+    probes = fixed_probes(cfg.probes)
+    return probes, [probe_prompt(tokenizer, p.question) for p in probes]
+
+
+def general_questions(tokenizer, cfg: GateConfig) -> tuple[list[dict], list[tuple[str, str]], list[list[int]]]:
+    """The general set's records, its (question, answer) pairs and the questions' prompts."""
+    recs = general_records(cfg)
+    qa = general_prompt_texts(tokenizer, recs)
+    return recs, qa, [prompt_ids(tokenizer, q) for q, _ in qa]
+
+
+def heldout_prompts(tokenizer, heldout: list[dict]) -> tuple[list[dict], list[list[int]]]:
+    """The held-out rows with a policy example, and their prompts."""
+    rows = [h for h in heldout if h.get("policy_segments")]
+    return rows, [prompt_ids(tokenizer, prompt_text(h["policy_segments"])) for h in rows]
+
+
+def general_metrics(model, tokenizer, cfg: GateConfig, memo: dict | None = None, who: str = "") -> dict:
     """What brain rot would damage, measured on whatever ``model`` currently is: real-world probe
     accuracy, answers to the general set's questions, general-text loss and junk-reply loss."""
-    from cogcore.eval.core import probe_prompt
     from cogcore.eval.probes import mentions
     out: dict = {}
-    probes = fixed_probes(cfg.probes)
+    probes, asked = probe_questions(tokenizer, cfg)
     if probes:
-        got = replies(model, tokenizer, [probe_prompt(tokenizer, p.question) for p in probes],
-                      cfg.probe_max_new_tokens, cfg.batch_size)
+        got = replies(model, tokenizer, asked, cfg.probe_max_new_tokens, cfg.batch_size, memo, who)
         hits = [mentions(r, p.answers, p.case_sensitive) for p, r in zip(probes, got)]
         out["probe_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits), "hits": [bool(h) for h in hits],
                                  "samples": [{"q": p.question, "reply": r} for p, r in zip(probes[:3], got[:3])]}
-    recs = general_records(cfg)
-    qa = general_prompt_texts(tokenizer, recs)
+    recs, qa, asked = general_questions(tokenizer, cfg)
     if qa:
         # the reply budget of held-out replies: a chatty core ("To add 85 and 88, we ...") states its
         # result after 24 tokens, and a cut reply would count its verbosity, not its arithmetic
-        got = replies(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in qa], cfg.max_new_tokens, cfg.batch_size)
+        got = replies(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size, memo, who)
         hits = [_answer_hit(r, want) for (_, want), r in zip(qa, got)]
         out["answer_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits), "hits": [bool(h) for h in hits],
                                   "samples": [{"want": w, "reply": r} for (_, w), r in zip(qa[:3], got[:3])]}
@@ -273,13 +329,13 @@ def _policy_loss(model, tokenizer, heldout: list[dict], cfg: GateConfig) -> dict
     return {"value": loss, "n": n}
 
 
-def heldout_metrics(model, tokenizer, heldout: list[dict], cfg: GateConfig) -> dict:
+def heldout_metrics(model, tokenizer, heldout: list[dict], cfg: GateConfig, memo: dict | None = None,
+                    who: str = "") -> dict:
     """Policy accuracy, policy loss and world-model loss on a user's held-out episodes."""
     out: dict = {}
-    with_policy = [h for h in heldout if h.get("policy_segments")]
+    with_policy, asked = heldout_prompts(tokenizer, heldout)
     if with_policy:
-        got = replies(model, tokenizer, [prompt_ids(tokenizer, prompt_text(h["policy_segments"])) for h in with_policy],
-                      cfg.max_new_tokens, cfg.batch_size)
+        got = replies(model, tokenizer, asked, cfg.max_new_tokens, cfg.batch_size, memo, who)
         hits = [acts_right(r, h.get("check", ""), h.get("right_action", "")) for h, r in zip(with_policy, got)]
         out["policy_accuracy"] = {"value": sum(hits) / len(hits), "n": len(hits),
                                   "samples": [{"episode": h.get("episode_id"), "reply": r}
@@ -323,8 +379,9 @@ def _leaks(reply: str, patterns: list) -> bool:
     return False
 
 
-def leak_rate(model, tokenizer, prompts: list[list[int]], patterns: list, cfg: GateConfig) -> dict:
-    got = replies(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+def leak_rate(model, tokenizer, prompts: list[list[int]], patterns: list, cfg: GateConfig, memo: dict | None = None,
+              who: str = "") -> dict:
+    got = replies(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, memo, who)
     hits = [_leaks(r, patterns) for r in got]
     return {"value": sum(hits) / len(hits) if hits else 0.0, "n": len(hits),
             "samples": [r for r, h in zip(got, hits) if h][:3]}
@@ -365,10 +422,11 @@ def _base_general(model, tokenizer, cfg: GateConfig, cache_dir: Path | None, bas
 
 def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, candidate: str = "default",
          reference: str | None = None, reference_name: str = "base", others: dict[str, list[dict]] | None = None,
-         cache_dir: Path | None = None, base_tag: str = "") -> dict:
+         cache_dir: Path | None = None, base_tag: str = "", memo: dict | None = None) -> dict:
     """Compare the ``candidate`` adapter of the PeftModel ``model`` with ``reference`` (another
     adapter name, or None for the base) and the base. Returns a JSON-able report with
-    ``passed`` (bool), ``reasons`` (why not, one line each) and ``criteria`` (numbers and n)."""
+    ``passed`` (bool), ``reasons`` (why not, one line each) and ``criteria`` (numbers and n).
+    ``memo``: the base's replies, shared by the gates of several users over one base."""
     t0 = time.time()
     if not cfg.enabled:
         return {"passed": True, "skipped": True, "reasons": [], "criteria": {}, "user": user,
@@ -400,21 +458,57 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
             why = f"; paired: lost {pc['lost']}, gained {pc['gained']}, p={pc['p_value_worse']:.2g}" if pc else ""
             reasons.append(f"{name} {word}: {v:.4f} vs {against} {r:.4f} (limit {limit:.4f}, n={new['n']}{why})")
 
+    # the other users' held-out prompts for (c), and what in a reply would betray them
+    others = {u: rows[: cfg.leak_episodes] for u, rows in list(sorted((others or {}).items()))[: cfg.leak_users]}
+    patterns = leak_patterns(heldout, others)
+    leak_prompts = heldout_prompts(tokenizer, heldout + [h for rows in others.values() for h in rows])[1] \
+        if patterns else []
+
     # a bar over the gate's measurements (each a few seconds to a minute on CPU)
     from tqdm.auto import tqdm
-    bar = tqdm(total=7, desc=f"gate {user}", unit="check", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=7 if patterns else 5, desc=f"gate {user}", unit="check", dynamic_ncols=True, leave=False)
 
     def done(what: str) -> None:
         bar.set_postfix_str(what)
         bar.update(1)
 
-    # (a) the user's held-out episodes: candidate vs the LIVE version (or the base)
-    with using(model, candidate):
-        new_held = heldout_metrics(model, tokenizer, heldout, cfg)
-    done("held-out: candidate")
+    # the reference and the base first, then the candidate in one block with its adapter merged
+    # (one merge per gate). The base's replies go into ``memo``: the same prompts come back as a
+    # reference, as leakage prompts, and in every other user's gate.
+    memo = {} if memo is None else memo
     with using(model, reference):
-        ref_held = heldout_metrics(model, tokenizer, heldout, cfg)
+        ref_held = heldout_metrics(model, tokenizer, heldout, cfg, memo if reference is None else None, "base")
     done(f"held-out: {reference_name}")
+    base_gen = _base_general(model, tokenizer, cfg, cache_dir, base_tag)
+    done("general: base")
+    with using(model, None):
+        base_gen = {**base_gen, "heldout_junk_loss": heldout_junk_loss(model, tokenizer, heldout, cfg)}
+        base_held = ref_held if reference is None else {
+            "policy_loss": _policy_loss(model, tokenizer, heldout, cfg)}
+        done("junk on the user's prompts: base")
+        base_leak = leak_rate(model, tokenizer, leak_prompts, patterns, cfg, memo, "base") if patterns else None
+    if patterns:
+        done("leakage: base")
+    # the candidate: every reply generated with its adapter merged, then the metrics with it
+    # unmerged (they find their replies in ``mine``): bf16 loss scoring would round a merged delta
+    # to the base weight's precision, generation runs in the model's own fp32
+    mine: dict = {}
+    with using(model, candidate, merged=True):
+        for prompts, max_new in ((heldout_prompts(tokenizer, heldout)[1] + leak_prompts, cfg.max_new_tokens),
+                                 (probe_questions(tokenizer, cfg)[1], cfg.probe_max_new_tokens),
+                                 (general_questions(tokenizer, cfg)[2], cfg.max_new_tokens)):
+            replies(model, tokenizer, prompts, max_new, cfg.batch_size, mine, candidate)
+    with using(model, candidate):
+        new_held = heldout_metrics(model, tokenizer, heldout, cfg, mine, candidate)
+        done("held-out: candidate")
+        new_gen = general_metrics(model, tokenizer, cfg, mine, candidate)
+        new_gen["heldout_junk_loss"] = heldout_junk_loss(model, tokenizer, heldout, cfg)
+        done("general: candidate")
+        new_leak = leak_rate(model, tokenizer, leak_prompts, patterns, cfg, mine, candidate) if patterns else None
+    if patterns:
+        done("leakage: candidate")
+
+    # (a) the user's held-out episodes: candidate vs the LIVE version (or the base)
     judge("heldout_policy_accuracy", new_held.get("policy_accuracy"), ref_held.get("policy_accuracy"),
           lower_is_better=False, allowed=cfg.policy_tolerance, relative=False, against=reference_name)
     judge("heldout_policy_loss", new_held.get("policy_loss"), ref_held.get("policy_loss"), lower_is_better=True,
@@ -423,17 +517,6 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
           allowed=cfg.heldout_min_gain, relative=True, against=reference_name, strict=True)
 
     # (b) brain rot vs the base: general probes, answers, junk replies and losses; junk on the user's prompts
-    base_gen = _base_general(model, tokenizer, cfg, cache_dir, base_tag)
-    done("general: base")
-    with using(model, candidate):
-        new_gen = general_metrics(model, tokenizer, cfg)
-        new_gen["heldout_junk_loss"] = heldout_junk_loss(model, tokenizer, heldout, cfg)
-    done("general: candidate")
-    with using(model, None):
-        base_gen = {**base_gen, "heldout_junk_loss": heldout_junk_loss(model, tokenizer, heldout, cfg)}
-        base_held = ref_held if reference is None else {
-            "policy_loss": _policy_loss(model, tokenizer, heldout, cfg)}
-    done("junk on the user's prompts: base")
     judge("general_probe_accuracy", new_gen.get("probe_accuracy"), base_gen.get("probe_accuracy"),
           lower_is_better=False, allowed=cfg.probe_tolerance, relative=False, against="base")
     judge("general_answer_accuracy", new_gen.get("answer_accuracy"), base_gen.get("answer_accuracy"),
@@ -450,18 +533,7 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
           allowed=cfg.junk_margin_tolerance, relative=False, against="base")
 
     # (c) leakage of other users' held-out specifics, on this user's prompts and theirs
-    others = {u: rows[: cfg.leak_episodes] for u, rows in list(sorted((others or {}).items()))[: cfg.leak_users]}
-    patterns = leak_patterns(heldout, others)
     if patterns:
-        prompt_rows = [h for h in heldout if h.get("policy_segments")]
-        prompt_rows += [h for rows in others.values() for h in rows if h.get("policy_segments")]
-        prompts = [prompt_ids(tokenizer, prompt_text(h["policy_segments"])) for h in prompt_rows]
-        with using(model, candidate):
-            new_leak = leak_rate(model, tokenizer, prompts, patterns, cfg)
-        done("leakage: candidate")
-        with using(model, None):
-            base_leak = leak_rate(model, tokenizer, prompts, patterns, cfg)
-        done("leakage: base")
         judge("leakage", new_leak, base_leak, lower_is_better=True, allowed=cfg.leak_tolerance, relative=False,
               against="base")
         criteria["leakage"]["other_users"] = sorted(others)

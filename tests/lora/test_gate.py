@@ -117,3 +117,52 @@ def test_a_general_answer_counts_by_its_result_not_its_wording():
     assert _answer_hit("Cold, of course.", "The opposite of hot is cold.")
     assert not _answer_hit("It is colder.", "The opposite of hot is cold.")
     assert not _answer_hit("anything", "")
+
+
+def test_a_merged_adapter_generates_alike_and_gives_the_base_back(one_thread):
+    """The gate generates the candidate's replies with its adapter merged: the same logits, and the
+    base weights come back bit for bit (a bf16 base is never merged: the delta would be rounded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cogcore.lora.gate import mergeable, using
+    from cogcore.train.model import ModelSpec, load_model
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(ModelSpec(source="tiny-llama")),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="u")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad(), using(model, "u"):
+        plain = model(input_ids=ids).logits
+    with torch.no_grad(), using(model, "u", merged=True):
+        assert all(m.merged for m in model.modules() if hasattr(m, "lora_A"))  # it really merged
+        merged = model(input_ids=ids).logits
+    with torch.no_grad(), using(model, None):
+        base = model(input_ids=ids).logits
+    assert torch.allclose(plain, merged, atol=1e-5) and not torch.allclose(plain, base, atol=1e-3)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    assert not any(m.merged for m in model.modules() if hasattr(m, "lora_A"))
+    assert len(mergeable(model)) == 6 and mergeable(model.to(torch.bfloat16)) == []
+
+
+def test_replies_asked_again_come_from_the_memo(monkeypatch):
+    """The gate asks the base the same held-out prompts several times (reference, leakage, the
+    next user's gate): with a memo only prompts not asked before are generated."""
+    import cogcore.eval.core as core
+    from cogcore.lora.gate import replies
+    asked = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size):  # records what reaches the model
+        asked.append([tuple(p) for p in prompts])
+        return [f"reply to {p[0]} in {max_new_tokens}" for p in prompts]
+    monkeypatch.setattr(core, "generate", fake_generate)
+    memo: dict = {}
+    assert replies(None, None, [[1], [2], [1]], 8, 4, memo, "base") == ["reply to 1 in 8", "reply to 2 in 8"] + \
+        ["reply to 1 in 8"]
+    assert replies(None, None, [[2], [3]], 8, 4, memo, "base") == ["reply to 2 in 8", "reply to 3 in 8"]
+    assert replies(None, None, [[3]], 4, 4, memo, "base") == ["reply to 3 in 4"]  # another budget: asked anew
+    assert replies(None, None, [[3]], 8, 4, memo, "alice") == ["reply to 3 in 8"]  # another model: asked anew
+    assert asked == [[(1,), (2,)], [(3,)], [(3,)], [(3,)]]
