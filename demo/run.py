@@ -23,11 +23,12 @@ import contextlib
 import json
 import os
 import platform
+import queue
 import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -101,8 +102,6 @@ class DemoServer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.url = self._wait_ready(timeout_s)
-        import httpx
-        self.http = httpx.Client(base_url=self.url, timeout=600.0)
 
     def _wait_ready(self, timeout_s: float) -> str:
         deadline = time.time() + timeout_s
@@ -118,9 +117,25 @@ class DemoServer:
         tail = self.log_path.read_text()[-2000:] if self.log_path.is_file() else ""
         raise CogcoreError(f"the server did not start within {timeout_s:.0f}s; its log ({self.log_path}) ends:\n{tail}")
 
-    def chat(self, model: str, messages: list[dict], max_tokens: int) -> str:
-        r = self.http.post("/v1/chat/completions", json={"model": model, "messages": messages,
-                                                         "max_tokens": max_tokens, "temperature": 0})
+    def client(self):
+        """An HTTP client of its own for one thread at a time (a shared connection pool read a
+        socket another thread had closed: EBADF in the after phase of one run)."""
+        import httpx
+        return httpx.Client(base_url=self.url, timeout=600.0)
+
+    def chat(self, http, model: str, messages: list[dict], max_tokens: int) -> str:
+        import httpx
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        try:
+            r = http.post("/v1/chat/completions", json=body)
+        except httpx.TransportError:
+            # a kept-alive connection the server had just closed: a greedy request is safe to resend
+            # (this server does not log exchanges), and a second failure is the server's
+            try:
+                r = http.post("/v1/chat/completions", json=body)
+            except httpx.TransportError as e:
+                raise CogcoreError(f"the server at {self.url} stopped answering ({e!r}); its log: {self.log_path}") \
+                    from e
         if r.status_code != 200:
             raise CogcoreError(f"server answered {r.status_code} for model {model}: {r.text[:300]}")
         return r.json()["choices"][0]["message"]["content"]
@@ -140,12 +155,28 @@ def ask_all(server: DemoServer, jobs: list[tuple], max_tokens: int, concurrency:
     (model, messages, tokens) has its own reply budget."""
     from tqdm.auto import tqdm
     out: list[str] = [""] * len(jobs)
-    with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(jobs), desc=desc, unit="req", dynamic_ncols=True) as bar:
-        futures = {pool.submit(server.chat, job[0], job[1], job[2] if len(job) > 2 else max_tokens): i
-                   for i, job in enumerate(jobs)}
-        for fut in futures:
-            out[futures[fut]] = fut.result()
-            bar.update(1)
+    idle, opened = queue.SimpleQueue(), []  # one HTTP client per request in flight, reused
+
+    def one(job: tuple) -> str:
+        try:
+            http = idle.get_nowait()
+        except queue.Empty:
+            http = server.client()
+            opened.append(http)
+        try:
+            return server.chat(http, job[0], job[1], job[2] if len(job) > 2 else max_tokens)
+        finally:
+            idle.put(http)
+    try:
+        with ThreadPoolExecutor(concurrency) as pool, \
+                tqdm(total=len(jobs), desc=desc, unit="req", dynamic_ncols=True) as bar:
+            futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):  # the bar moves as replies come back
+                out[futures[fut]] = fut.result()
+                bar.update(1)
+    finally:
+        for http in opened:
+            http.close()
     return out
 
 
@@ -184,7 +215,7 @@ def run(cfg: DemoConfig) -> dict:
             raise CogcoreError(f"user {u.id} has {len(u.episodes)} episodes; with heldout={cfg.heldout} none is left "
                                "to learn from. Add episodes or lower heldout.")
     phases = Phases()
-    t_start = time.time()
+    t_start, cpu_start = time.time(), _cpu_times()
 
     # 1. the core
     with phases("core", "the model the server runs"):
@@ -209,7 +240,8 @@ def run(cfg: DemoConfig) -> dict:
     results.update({"core": {"provenance": provenance, "base_hash": core_hash, "dir": str(model_dir)},
                     "config": asdict(cfg), "phases_s": phases.times, "total_s": round(time.time() - t_start, 1),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                               f"{_torch_threads()}, python {platform.python_version()}"})
+                               f"{_torch_threads()}, python {platform.python_version()}",
+                    "cpu_during_run": _cpu_share(cpu_start, _cpu_times())})
     results["targets"] = check_targets(results)
     from .report import print_table, write_report
     print_table(results)
@@ -245,7 +277,11 @@ def check_targets(results: dict) -> list[dict]:
     out.append(row("cross-user leakage <= 5%, every user", all(r["leakage"] <= 0.05 for r in users.values()),
                    ", ".join(f"{u} {r['leakage']:.0%}" for u, r in users.items())))
     total = sum(results["phases_s"].values())
-    out.append(row(f"time <= {TIME_LIMIT_S // 60} minutes (2 CPU cores)", total <= TIME_LIMIT_S, f"{total:.0f} s"))
+    cpu = results.get("cpu_during_run") or {}
+    busy = (f" (of the host's CPU time meanwhile, {cpu['steal']:.0%} was taken by other guests and "
+            f"{cpu['idle']:.0%} idle)" if cpu else "")
+    out.append(row(f"time <= {TIME_LIMIT_S // 60} minutes (2 CPU cores)", total <= TIME_LIMIT_S,
+                   f"{total:.0f} s{busy}"))
     return out
 
 
@@ -490,6 +526,27 @@ def _provenance(spec: ModelSpec, model_dir: Path) -> str:
     if src.is_file():
         return f"converted from {json.loads(src.read_text()).get('gguf')}"
     return f"{spec.source}"
+
+
+def _cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (Linux /proc/stat: user nice system idle iowait irq softirq
+    steal), or None where there are none."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_share(start: list[int] | None, end: list[int] | None) -> dict | None:
+    """How the machine's CPU time went during the run: idle, and stolen by the hypervisor for other
+    guests (a shared VM's time can double under a busy neighbour; this says when it did)."""
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    d = [b - a for a, b in zip(start, end)]
+    total = sum(d)
+    if total <= 0:
+        return None
+    return {"idle": round((d[3] + d[4]) / total, 3), "steal": round(d[7] / total, 3)}
 
 
 def _torch_threads() -> int:

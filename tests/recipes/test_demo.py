@@ -123,3 +123,15 @@ def test_targets_are_judged_on_the_run():
                    "time <= 10 minutes (2 CPU cores)": "FAIL"}
     results["n_probes"] = 0
     assert check_targets(results)[1]["status"] == "not measured"
+    results["cpu_during_run"] = {"idle": 0.1, "steal": 0.25}   # a busy neighbour shows next to the time
+    assert check_targets(results)[3]["detail"] == ("660 s (of the host's CPU time meanwhile, 25% was taken by "
+                                                   "other guests and 10% idle)")
+
+
+def test_the_share_of_cpu_time_stolen_and_idle_comes_from_the_counters():
+    from cogcore.demo.run import _cpu_share, _cpu_times
+    # user nice system idle iowait irq softirq steal, in ticks
+    assert _cpu_share([0] * 8, [50, 0, 10, 15, 5, 0, 0, 20]) == {"idle": 0.2, "steal": 0.2}
+    assert _cpu_share(None, [1] * 8) is None and _cpu_share([5] * 8, [5] * 8) is None
+    now = _cpu_times()
+    assert now is None or (len(now) == 8 and all(x >= 0 for x in now))
