@@ -493,6 +493,7 @@ def gate(model, tokenizer, *, user: str, heldout: list[dict], cfg: GateConfig, c
     # unmerged (they find their replies in ``mine``): bf16 loss scoring would round a merged delta
     # to the base weight's precision, generation runs in the model's own fp32
     mine: dict = {}
+    bar.set_postfix_str("candidate: generating its replies")
     with using(model, candidate, merged=True):
         for prompts, max_new in ((heldout_prompts(tokenizer, heldout)[1] + leak_prompts, cfg.max_new_tokens),
                                  (probe_questions(tokenizer, cfg)[1], cfg.probe_max_new_tokens),
