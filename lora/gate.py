@@ -91,7 +91,7 @@ def using(model, adapter: str | None, merged: bool = False):
 
     ``merged``: fold the adapter into the base weights for the duration (same function, one matmul
     per layer instead of three): greedy generation in the demo's gate ran 1.25x faster at 64
-    prompts and 2.5x at 11 on one CPU. The adapted weights are copied first and put back after:
+    prompts and 2.5x at 11 on 2 CPU cores. The adapted weights are copied first and put back after:
     unmerging alone leaves them ~1e-7 off, which flipped 29k of their bf16 roundings and moved a
     bf16-scored loss by 0.3 %. Only fp32 bases up to ``MERGE_COPY_BYTES`` are merged."""
     was_training = model.training
