@@ -90,10 +90,11 @@ def using(model, adapter: str | None, merged: bool = False):
     """Run ``model`` as the base (``adapter=None``) or with one named adapter active.
 
     ``merged``: fold the adapter into the base weights for the duration (same function, one matmul
-    per layer instead of three): greedy generation in the demo's gate ran 1.25x faster at 64
-    prompts and 2.5x at 11 on 2 CPU cores. The adapted weights are copied first and put back after:
-    unmerging alone leaves them ~1e-7 off, which flipped 29k of their bf16 roundings and moved a
-    bf16-scored loss by 0.3 %. Only fp32 bases up to ``MERGE_COPY_BYTES`` are merged."""
+    per layer instead of three): the gate's greedy generation runs 1.19x faster on 2 CPU cores
+    (``bench/bench_gate.py``: 1.14-1.25x per kind of prompt, the same replies). The adapted weights
+    are copied first and put back after: unmerging alone leaves them ~1e-7 off, which flipped 29k
+    of their bf16 roundings and moved a bf16-scored loss by 0.3 %. Only fp32 bases up to
+    ``MERGE_COPY_BYTES`` are merged."""
     was_training = model.training
     model.eval()
     if adapter is None:
