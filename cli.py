@@ -117,7 +117,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     from cogcore.train.config import ConfigError
     scripts = {"kernels": "cogcore.bench.bench_kernels", "distill": "cogcore.bench.bench_distill",
                "memory": "cogcore.bench.bench_memory", "refresh": "cogcore.bench.bench_refresh",
-               "brainrot": "cogcore.bench.bench_brainrot", "serve": "cogcore.bench.bench_serve"}
+               "brainrot": "cogcore.bench.bench_brainrot", "serve": "cogcore.bench.bench_serve",
+               "gate": "cogcore.bench.bench_gate"}
     if not rest or rest[0] not in scripts:
         raise ConfigError(f"say which benchmark: cogcore bench {{{', '.join(scripts)}}} [--help for its flags]")
     module = __import__(scripts[rest[0]], fromlist=["main"])
@@ -133,7 +134,7 @@ COMMANDS: dict[str, Command] = {
                        "only builds the pruned student",
                        _recipe("cogcore.distill.recipe", {"": "run", "cache": "run_cache", "prune": "run_prune"}),
                        lambda: __import__("cogcore.distill.recipe", fromlist=["x"]).DistillConfig, distributed=True),
-    "bench": Command("benchmarks side by side with peers: `bench kernels|distill|memory|refresh|brainrot|serve` "
+    "bench": Command("benchmarks side by side with peers: `bench kernels|distill|memory|refresh|brainrot|serve|gate` "
                      "(each writes bench/results/*.json; --help for its flags)", _bench),
     "experiment": Command("end-to-end experiments: `experiment cognitive-core` (teacher vs plain KD vs knowledge-"
                           "shedding student on a synthetic world)",
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only build the (slow-to-import) config help for the subcommand asking for --help.
     wants = next((a for a in argv if a in COMMANDS), None) if ("-h" in argv or "--help" in argv) else None
     if wants == "bench" and argv.index("bench") + 1 < len(argv) and argv[argv.index("bench") + 1] in (
-            "kernels", "distill", "memory", "refresh", "brainrot", "serve"):
+            "kernels", "distill", "memory", "refresh", "brainrot", "serve", "gate"):
         i = argv.index("bench")
         return COMMANDS["bench"].main(argparse.Namespace(command="bench"), argv[i + 1:])
     parser = build_parser(wants)

@@ -7,8 +7,8 @@ prompts: 11 held-out / leakage requests (40 new tokens), its 40 real-world probe
 64 general questions (40). Arms alternate within each repeat (a drift of the host's speed falls on
 both alike); the median per arm and the ratio are reported, with how many replies are identical.
 
-    python -m cogcore.bench.bench_gate                      # smollm2-135m, 3 repeats
-    python -m cogcore.bench.bench_gate --quick --out OUT.json   # tiny preset smoke run
+    cogcore bench gate                                      # smollm2-135m, 3 repeats
+    cogcore bench gate --quick --out OUT.json               # tiny preset smoke run
 """
 
 from __future__ import annotations
