@@ -118,8 +118,8 @@ class DemoServer:
         raise CogcoreError(f"the server did not start within {timeout_s:.0f}s; its log ({self.log_path}) ends:\n{tail}")
 
     def client(self):
-        """An HTTP client of its own for one thread at a time (a shared connection pool read a
-        socket another thread had closed: EBADF in the after phase of one run)."""
+        """An HTTP client of its own for one thread at a time (one client shared by 64 threads
+        failed a run's after phase with EBADF on a pooled socket)."""
         import httpx
         return httpx.Client(base_url=self.url, timeout=600.0)
 
@@ -539,7 +539,8 @@ def _cpu_times() -> list[int] | None:
 
 def _cpu_share(start: list[int] | None, end: list[int] | None) -> dict | None:
     """How the machine's CPU time went during the run: idle, and stolen by the hypervisor for other
-    guests (a shared VM's time can double under a busy neighbour; this says when it did)."""
+    guests (on a shared VM the same demo's phases ran up to 2x apart in one day; steal says how
+    much of such a slowdown other guests took, idle how much the run left unused)."""
     if not start or not end or len(start) < 8 or len(end) < 8:
         return None
     d = [b - a for a, b in zip(start, end)]
