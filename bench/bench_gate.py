@@ -15,19 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": os.getloadavg()}
+from cogcore.bench.bench_refresh import machine
 
 
 def gate_prompts(tokenizer, n_requests: int) -> dict[str, tuple[list[list[int]], int]]:
