@@ -178,6 +178,9 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: 
     ``stop_at_sentence``: a row stops generating once it holds a whole first line or sentence,
     and its reply is cut there (one-word answers do not pay for ``max_new_tokens``)."""
     from transformers import GenerationConfig, StoppingCriteriaList
+
+    from cogcore.train.model import plain_head_input
+    plain_head_input(model)  # models built in code (a pruned student) were not loaded by load_model
     pad = _pad_id(tokenizer)
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)

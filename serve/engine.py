@@ -45,7 +45,7 @@ from cogcore.kernels.lora import DEFAULT_TARGETS, MultiLoRALinear, apply_multi_l
 from cogcore.lora.registry import CONFIG, AdapterArtifact, AdapterRegistry
 from cogcore.train.config import CogcoreError
 from cogcore.train.config import field as cfg_field
-from cogcore.train.model import ModelSpec, load_model, load_tokenizer
+from cogcore.train.model import ModelSpec, load_model, load_tokenizer, plain_head_input
 
 from .adapters import AdapterCache, AdapterRef, ModelTarget
 
@@ -249,6 +249,7 @@ class Engine:
                 layer.lora_B.zero_()
                 layer._row_index = _shared_row_index(layer)
         self.target_modules = sorted({n.rpartition(".")[2] for n in self.patch.layers})
+        plain_head_input(self.model)  # a model passed in was not loaded by load_model
         self.stop_token_ids = self._stop_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cv = threading.Condition()

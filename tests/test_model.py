@@ -92,3 +92,25 @@ def test_a_materialized_preset_is_rebuilt_when_its_definition_changes(monkeypatc
     assert model_mod.base_hash(again) != hash_before
     monkeypatch.undo()
     assert json.loads((model_mod.resolve("tiny-llama") / "config.json").read_text())["intermediate_size"] == 128
+
+
+def test_the_lm_head_gets_a_prefill_slice_laid_out_plainly(cogcore_home):
+    """load_model hands the head a plain copy of a prefill's last-position slice (a strided slice
+    made torch expand and copy the whole frozen head weight per row); the logits stay the same."""
+    from cogcore.train.model import load_model, plain_head_input
+    model = load_model("tiny-llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda mod, args, out: seen.append(args[0].stride()))
+    ids = torch.randint(3, 200, (3, 9))
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        full = model(input_ids=ids).logits
+    d = model.config.hidden_size
+    assert seen[0] == (d, d, 1)              # the (3, 1, d) slice arrived as a plain copy
+    assert seen[1] == (9 * d, d, 1)          # a full sequence is left as it is
+    assert torch.allclose(last[:, -1], full[:, -1], atol=1e-5)
+    plain_head_input(model)                  # idempotent: one hook per model
+    assert len(head._forward_pre_hooks) == 1

@@ -233,9 +233,32 @@ def load_model(spec: ModelSpec | str, ws: Workspace | None = None, device: str |
                            "*.safetensors (or pytorch_model.bin) weights.") from None
     if spec.quantize == "none":
         model.to(device)
+    plain_head_input(model)
     model.base_hash = base_hash(path, ws)
     model.source_dir = str(path)
     return model
+
+
+def plain_head_input(model) -> None:
+    """Hand the LM head its input laid out plainly (once per model; copies of the model keep it).
+
+    Generation prefills with ``logits_to_keep=1``: the head gets each row's last position, a
+    (B, 1, d) slice whose rows lie T*d apart. With the head's weight frozen, torch's matmul then
+    does not fold that into one mm but expands the (V, d) weight B times and copies it: on
+    SmolLM2 (49k vocabulary), B=64 and 2 CPU cores that is 11 s a prefill in bf16 and 0.46 s in
+    fp32, against 13 ms and 40 ms from a copy of the slice (torch 2.13)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_cogcore_plain_input", False):
+        return
+    head.register_forward_pre_hook(_plain_rows)
+    head._cogcore_plain_input = True
+
+
+def _plain_rows(module, args):
+    x = args[0]
+    if x.dim() == 3 and x.shape[1] == 1 and x.stride(0) != x.shape[2]:
+        return (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
+    return None
 
 
 def _has_flash_attn() -> bool:
