@@ -99,10 +99,11 @@ def test_bf16_scoring_is_close_to_fp32_and_cached_apart(tmp_path, cogcore_home, 
     assert bf16 != fp32 and abs(bf16 - fp32) < 0.02 * fp32  # really ran in bf16, and agrees
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     for precision in ("fp32", "bf16"):
-        _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, precision=precision), tmp_path, "b")
+        _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, precision=precision), tmp_path, "b",
+                      {})
     assert len(list(tmp_path.glob("gate-base-*.json"))) == 2
     # a shorter reply budget changes the base's answers: its numbers are cached apart too
-    _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, max_new_tokens=8), tmp_path, "b")
+    _base_general(peft_model, tok, GateConfig(probes=0, general_documents=4, max_new_tokens=8), tmp_path, "b", {})
     assert len(list(tmp_path.glob("gate-base-*.json"))) == 3
 
 
@@ -146,6 +147,40 @@ def test_a_merged_adapter_generates_alike_and_gives_the_base_back(one_thread):
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
     assert not any(m.merged for m in model.modules() if hasattr(m, "lora_A"))
     assert len(mergeable(model)) == 6 and mergeable(model.to(torch.bfloat16)) == []
+
+
+def test_bf16_generation_runs_a_bf16_copy_and_leaves_the_model_as_it_was(one_thread):
+    """gate.precision=bf16 generates from a bf16 copy with the adapter merged in: its logits follow
+    the fp32 adapter's (not the base's), and the model itself keeps its fp32 weights, bit for bit."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cogcore.lora.gate import generating, in_precision
+    from cogcore.train.model import ModelSpec, load_model
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(ModelSpec(source="tiny-llama")),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="u")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        with generating(model, "u", "fp32") as g:
+            assert g is model
+            adapted = g(input_ids=ids).logits
+        with generating(model, None, "fp32") as g:
+            base = g(input_ids=ids).logits
+        with generating(model, "u", "bf16") as g:
+            assert g is not model and {p.dtype for p in g.parameters()} == {torch.bfloat16}
+            adapted16 = g(input_ids=ids).logits.float()
+        with generating(model, None, "bf16") as g:
+            base16 = g(input_ids=ids).logits.float()
+    assert (adapted16 - adapted).abs().max() < (adapted - base).abs().max() / 2
+    assert (base16 - base).abs().max() < (adapted - base).abs().max() / 2
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with in_precision(model.to(torch.bfloat16), "bf16") as g:  # already bf16: nothing to copy
+        assert g is model
 
 
 def test_replies_asked_again_come_from_the_memo(monkeypatch):
