@@ -71,8 +71,10 @@ class DemoConfig:
     replay_answers: Literal["base", "set"] = field("base", help="replay answered by the core itself ('base': the "
                                                                 "adapter is held to what the core says on general "
                                                                 "prompts) or by the replay source's own answers")
-    precision: Literal["bf16", "fp32"] = field("bf16", help="refresh and gate-scoring precision: bf16 autocast (about 1.7x "
-                                                             "faster on CPUs with AMX) or fp32")
+    precision: Literal["bf16", "fp32"] = field("bf16", help="bf16: the server runs bf16 weights, the refresh trains under "
+                                                             "bf16 autocast and the gate measures in bf16 (each about "
+                                                             "1.7-2x faster on CPUs with AMX / AVX512-BF16); fp32 for "
+                                                             "CPUs without them")
     seed: int = field(0, help="seed for junk planting, consolidation and training")
     server_timeout_s: float = field(300.0, help="how long to wait for the server to start")
     sleep_overrides: list[str] = field(default_factory=list, help="extra `cogcore sleep` keys, e.g. "
@@ -94,10 +96,11 @@ class DemoConfig:
 class DemoServer:
     """`cogcore serve` as a real subprocess on a free loopback port, talked to with httpx."""
 
-    def __init__(self, model: str, home: Path, log_path: Path, timeout_s: float, concurrency: int, max_rank: int):
+    def __init__(self, model: str, home: Path, log_path: Path, timeout_s: float, concurrency: int, max_rank: int,
+                 dtype: str = "float32"):
         self.log_path = log_path
         cmd = [sys.executable, "-m", "cogcore.cli", "--home", str(home), "serve", "--model", model, "--port", "0",
-               "--max-batch", str(concurrency), "--max-rank", str(max_rank), "--timeout", "900"]
+               "--max-batch", str(concurrency), "--max-rank", str(max_rank), "--timeout", "900", "--dtype", dtype]
         self.log = log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -228,7 +231,7 @@ def run(cfg: DemoConfig) -> dict:
     # 2. the server, with no user adapters yet
     with phases("serve", "start `cogcore serve` on loopback"):
         server = DemoServer(str(model_dir), ws.root, out / "server.log", cfg.server_timeout_s, cfg.concurrency,
-                            max(16, cfg.lora_r))
+                            max(16, cfg.lora_r), "bfloat16" if cfg.precision == "bf16" else "float32")
         print(f"server: {server.url} (log: {out / 'server.log'})", flush=True)
     # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server subprocess is stopped below
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
