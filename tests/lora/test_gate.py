@@ -120,13 +120,11 @@ def test_a_general_answer_counts_by_its_result_not_its_wording():
     assert not _answer_hit("anything", "")
 
 
-def test_a_merged_adapter_generates_alike_and_gives_the_base_back(one_thread):
-    """The gate generates the candidate's replies with its adapter merged: the same logits, and the
-    base weights come back bit for bit (a bf16 base is never merged: the delta would be rounded)."""
+def _tiny_with_adapter():
+    """tiny-llama under a PEFT adapter "u" whose B is not zero (so it changes the logits)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from cogcore.lora.gate import mergeable, using
     from cogcore.train.model import ModelSpec, load_model
     torch.manual_seed(0)
     model = get_peft_model(load_model(ModelSpec(source="tiny-llama")),
@@ -134,6 +132,16 @@ def test_a_merged_adapter_generates_alike_and_gives_the_base_back(one_thread):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_a_merged_adapter_generates_alike_and_gives_the_base_back(one_thread):
+    """The gate generates the candidate's replies with its adapter merged: the same logits, and the
+    base weights come back bit for bit (a bf16 base is never merged: the delta would be rounded)."""
+    import torch
+
+    from cogcore.lora.gate import mergeable, using
+    model = _tiny_with_adapter()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad(), using(model, "u"):
@@ -153,16 +161,9 @@ def test_bf16_generation_runs_a_bf16_copy_and_leaves_the_model_as_it_was(one_thr
     """gate.precision=bf16 generates from a bf16 copy with the adapter merged in: its logits follow
     the fp32 adapter's (not the base's), and the model itself keeps its fp32 weights, bit for bit."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from cogcore.lora.gate import generating, in_precision
-    from cogcore.train.model import ModelSpec, load_model
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(ModelSpec(source="tiny-llama")),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="u")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = _tiny_with_adapter()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad():

@@ -144,7 +144,8 @@ def test_qlora_refresh_on_an_nf4_base(fresh_home, demo_users, one_thread):
 
 def test_replay_answered_by_the_base_is_what_the_base_itself_says(general_base, one_thread):
     """replay_answers=base: a replay row's answer becomes the base's own greedy reply (its argmax at
-    every trained token), ended like a chat reply; rows of other targets and prompt-less replay stay."""
+    every trained token), ended like a chat reply; a reply cut at the budget is no answer and the
+    row keeps the set's; rows of other targets and prompt-less replay stay."""
     from cogcore.lora.gate import prompt_text
     from cogcore.lora.refresh import answer_replay_with_base
     from cogcore.memory.formats import example_segments, reply_end
@@ -154,24 +155,27 @@ def test_replay_answered_by_the_base_is_what_the_base_itself_says(general_base, 
     model = load_model(general_base).eval()
     replay = [{"segments": [{"text": t, "weight": w} for t, w in record_segments(r, tok, "completion", "test")],
                "target": "replay"} for r in builtin_records("chat-everyday", 6, 5)]
-    # a wrong answer in the set: the base's own reply replaces it
-    replay[0]["segments"][-1]["text"] = replay[0]["segments"][-1]["text"].replace("\n", "\nlol ok ", 1)
+    for r in replay:  # a wrong answer in the set: the base's own reply replaces it where it ends
+        r["segments"][-1]["text"] = r["segments"][-1]["text"].replace("\n", "\nlol ok ", 1)
     policy = {"segments": example_segments(tok, [{"role": "user", "content": "refund please"}], "Sure.", 1.0),
               "target": "policy"}
     plain = {"segments": [{"text": "just some text", "weight": 1.0}], "target": "replay"}
     records = replay + [policy, plain]
-    out = answer_replay_with_base(model, tok, records, max_new_tokens=24, quiet=True)
+    out = answer_replay_with_base(model, tok, records, max_new_tokens=64, quiet=True)
 
     assert out[-2] == policy and out[-1] == plain and len(out) == len(records)
+    header, end = "<|im_start|>assistant\n", reply_end(tok)
+    answered = [after for before, after in zip(replay, out) if after != before]
     for before, after in zip(replay, out):
         assert prompt_text(after["segments"]) == prompt_text(before["segments"])
         assert [s["weight"] for s in after["segments"]] == [0.0, 1.0]
-        assert after["segments"][1]["text"].startswith("<|im_start|>assistant\n")
-    assert "lol ok" not in out[0]["segments"][1]["text"]
+        assert after["segments"][1]["text"].startswith(header)
+        if after != before:  # answered by the base: its reply, ended, and no trace of the set's
+            assert after["segments"][1]["text"].endswith(end) and "lol ok" not in after["segments"][1]["text"]
+    assert len(answered) >= 3, "fewer than 3 base replies ended within 64 tokens"
     # the base's argmax at each token of the reply is that token (decode -> encode may shift a boundary)
-    header, end = "<|im_start|>assistant\n", reply_end(tok)
     hits = total = 0
-    for rec in out[:len(replay)]:
+    for rec in answered:
         prompt = rec["segments"][0]["text"] + header
         reply = rec["segments"][1]["text"][len(header):].removesuffix(end)
         ids = tokenize_record({"segments": [{"text": prompt, "weight": 0.0}]}, tok, add_eos=False).input_ids
@@ -183,8 +187,10 @@ def test_replay_answered_by_the_base_is_what_the_base_itself_says(general_base, 
             hits += int(pred[i - 1] == doc.input_ids[i])
             total += 1
     assert total > 20 and hits / total > 0.9, (hits, total)
-    ended = [r for r in out[:len(replay)] if r["segments"][1]["text"].endswith(reply_end(tok))]
-    assert ended, "no base reply ended within 24 tokens"
+    # at a 2-token budget only a reply that ended at once replaces the set's answer
+    short = answer_replay_with_base(model, tok, replay, max_new_tokens=2, quiet=True)
+    kept = [a == b for a, b in zip(short, replay)]
+    assert any(kept) and all(k or a["segments"][1]["text"] == header + end for a, k in zip(short, kept))
 
 
 def test_grouped_refresh_run_is_named_by_its_data(fresh_home, demo_users, one_thread):
