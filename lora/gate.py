@@ -124,29 +124,10 @@ MERGE_COPY_BYTES = 2 << 30  # the copy ``using(merged=True)`` keeps of the adapt
 
 
 @contextlib.contextmanager
-def in_precision(model, precision: str):
-    """``model`` to generate with in ``precision``: itself, or for bf16 a bf16 copy of it (the
-    model stays as it was). Greedy generation of 64 of the demo's probes (24 tokens, frozen
-    weights) ran 1.75x faster from the copy on 2 CPU cores with AMX (11.7 s against 6.7 s) and
-    answered as many right; bf16 autocast instead ran 1.6x faster. fp32 models whose copy fits
-    ``MERGE_COPY_BYTES`` only; others generate as they are."""
-    params = list(model.parameters())
-    if precision != "bf16" or not params or any(p.dtype != torch.float32 for p in params) \
-            or sum(p.numel() * 2 for p in params) > MERGE_COPY_BYTES:
-        yield model
-        return
-    import copy
-    replica = copy.deepcopy(model).to(torch.bfloat16).eval()
-    try:
-        yield replica
-    finally:
-        del replica
-
-
-@contextlib.contextmanager
 def generating(model, adapter: str | None, precision: str = "fp32"):
     """The PeftModel ``model`` to generate greedy replies with: the base (``adapter=None``) or the
     adapter merged into it, in ``precision`` (``in_precision``)."""
+    from cogcore.eval.core import in_precision
     with using(model, adapter, merged=adapter is not None) as m, in_precision(m, precision) as g:
         yield g
 

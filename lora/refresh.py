@@ -199,10 +199,10 @@ def answer_replay_with_base(model, tokenizer, records: list[dict], max_new_token
     the base's unfinished "To add 30 and 2, we need to combine the numbers...", a demo user's
     adapter answered 2 of the gate's 64 sums against the base's 7). Rows without a prompt (plain
     text) are kept as they are."""
-    from cogcore.eval.core import generate
+    from cogcore.eval.core import generate, in_precision
     from cogcore.memory.formats import render_prompt, reply_end
 
-    from .gate import in_precision, prompt_ids, prompt_text
+    from .gate import prompt_ids, prompt_text
     # the assistant header a chat template puts before a reply: part of the prompt when generating
     bare = [{"role": "user", "content": "x"}]
     header = ""

@@ -162,7 +162,8 @@ def test_bf16_generation_runs_a_bf16_copy_and_leaves_the_model_as_it_was(one_thr
     the fp32 adapter's (not the base's), and the model itself keeps its fp32 weights, bit for bit."""
     import torch
 
-    from cogcore.lora.gate import generating, in_precision
+    from cogcore.eval.core import in_precision
+    from cogcore.lora.gate import generating
     model = _tiny_with_adapter()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(3, 200, (2, 12))
