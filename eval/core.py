@@ -296,7 +296,8 @@ def _cut_plain_reply(reply: str) -> str:
 def evaluate_core(model, tokenizer, *, world: World | None = None, probes: bool | str | Path | list[Probe] = True,
                   n_per_metric: int = 200, max_new_tokens: int | None = None, batch_size: int = 16,
                   scoring: Literal["greedy", "restricted"] = "greedy", chat: bool | None = None, seed: int = 0,
-                  n_samples: int = 3, progress: bool = True) -> EvalReport:
+                  n_samples: int = 3, progress: bool = True, precision: Literal["fp32", "bf16"] = "fp32"
+                  ) -> EvalReport:
     """Measure recall vs. reading on ``model``; see the module docstring for every metric.
 
     ``world``: also run the synthetic-world metrics (``n_per_metric`` examples each).
@@ -304,6 +305,8 @@ def evaluate_core(model, tokenizer, *, world: World | None = None, probes: bool 
     False; at most ``n_per_metric`` probes are used (a seeded sample, all when fewer).
     ``max_new_tokens``: for the probes (default 48); world answers get just what the longest
     value needs. ``chat``: None uses the tokenizer's chat template for probes when it has one.
+    ``precision``: bf16 generates from a bf16 copy of an fp32 model (:func:`in_precision`), about
+    2x faster on CPUs with AMX; compare models evaluated in the same precision.
     """
     if scoring not in ("greedy", "restricted"):
         raise CogcoreError(f"scoring={scoring!r}: use 'greedy' (strict next word) or 'restricted' (argmax over the value set)")
@@ -327,33 +330,40 @@ def evaluate_core(model, tokenizer, *, world: World | None = None, probes: bool 
         "params": sum(p.numel() for p in model.parameters()),
         "scoring": scoring, "n_per_metric": n_per_metric, "seed": seed,
         "world": dataclasses.asdict(world.cfg) if world is not None else None,
-        "probes": len(probe_list), "seconds": {},
+        "probes": len(probe_list), "seconds": {}, "precision": precision,
     })
     was_training = model.training
     model.eval()
     try:
-        if world is not None:
-            t0 = time.perf_counter()
-            n_world = len(SYNTHETIC_METRICS) * n_per_metric
-            with _progress(progress, n_world, f"eval core: synthetic world ({n_world} questions)") as advance:
-                _evaluate_world(model, tokenizer, world, report, n_per_metric, batch_size, scoring, seed,
-                                n_samples, advance)
-            report.meta["seconds"]["world"] = round(time.perf_counter() - t0, 2)
-        if probe_list:
-            t0 = time.perf_counter()
-            use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-            report.meta["chat"] = use_chat
-            report.meta["max_new_tokens"] = max_new_tokens or 48
-            report.meta["stop"] = "first line or sentence"
-            n_probe = 3 * len(probe_list)
-            with _progress(progress, n_probe, f"eval core: real-world probes ({len(probe_list)} facts x 3 "
-                                              "conditions)") as advance:
-                _evaluate_probes(model, tokenizer, probe_list, report, max_new_tokens or 48, batch_size, use_chat,
-                                 n_samples, advance)
-            report.meta["seconds"]["probes"] = round(time.perf_counter() - t0, 2)
+        with in_precision(model, precision) as answering:
+            _evaluate_all(answering, tokenizer, world, probe_list, report, n_per_metric, max_new_tokens, batch_size,
+                          scoring, chat, seed, n_samples, progress)
     finally:
         model.train(was_training)
     return report
+
+
+def _evaluate_all(model, tokenizer, world, probe_list, report, n_per_metric, max_new_tokens, batch_size, scoring,
+                  chat, seed, n_samples, progress) -> None:
+    if world is not None:
+        t0 = time.perf_counter()
+        n_world = len(SYNTHETIC_METRICS) * n_per_metric
+        with _progress(progress, n_world, f"eval core: synthetic world ({n_world} questions)") as advance:
+            _evaluate_world(model, tokenizer, world, report, n_per_metric, batch_size, scoring, seed,
+                            n_samples, advance)
+        report.meta["seconds"]["world"] = round(time.perf_counter() - t0, 2)
+    if probe_list:
+        t0 = time.perf_counter()
+        use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+        report.meta["chat"] = use_chat
+        report.meta["max_new_tokens"] = max_new_tokens or 48
+        report.meta["stop"] = "first line or sentence"
+        n_probe = 3 * len(probe_list)
+        with _progress(progress, n_probe, f"eval core: real-world probes ({len(probe_list)} facts x 3 "
+                                          "conditions)") as advance:
+            _evaluate_probes(model, tokenizer, probe_list, report, max_new_tokens or 48, batch_size, use_chat,
+                             n_samples, advance)
+        report.meta["seconds"]["probes"] = round(time.perf_counter() - t0, 2)
 
 
 class _progress:
@@ -509,6 +519,8 @@ class EvalConfig:
     chat: Literal["auto", "yes", "no"] = field("auto", help="probe prompts as a chat turn: auto = when the tokenizer has a template")
     device: str = field("auto", help="where the model runs: auto = cuda when a GPU is visible, else cpu; or cpu, cuda, cuda:1")
     seed: int = field(0, help="seed of the example sample")
+    precision: Literal["fp32", "bf16"] = field("fp32", help="generate in bf16 from a bf16 copy (about 2x faster on "
+                                                            "CPUs with AMX); compare models evaluated alike")
     out: str = field("", help="folder for report.json and core.png (default <home>/runs/eval-core)")
 
     def __post_init__(self):
@@ -531,7 +543,7 @@ def run(cfg: EvalConfig) -> EvalReport:
     report = evaluate_core(model, tokenizer, world=World(cfg.world) if cfg.use_world else None, probes=probes,
                            n_per_metric=cfg.n_per_metric, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.batch_size, scoring=cfg.scoring, seed=cfg.seed,
-                           chat={"auto": None, "yes": True, "no": False}[cfg.chat])
+                           chat={"auto": None, "yes": True, "no": False}[cfg.chat], precision=cfg.precision)
     report.meta["config"] = dataclasses.asdict(cfg)
     report.save(out / "report.json")
     plot_core({Path(cfg.model.source).name: report}, out / "core.png")

@@ -93,6 +93,26 @@ def test_an_oracle_scores_one_and_a_contrarian_follows_memory(tiny, world, monke
     assert r["follows_memory_real"] == 0.0 and r["language_drift_real"] == 0.0
 
 
+def test_bf16_eval_answers_from_a_bf16_copy_and_leaves_the_model_alone(tiny, world, monkeypatch):
+    model, tok = tiny
+    seen = []
+    real_generate = core.generate
+
+    def spy(m, tokenizer, prompts, **kw):
+        seen.append(next(m.parameters()).dtype)
+        return real_generate(m, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(core, "generate", spy)
+    r = evaluate_core(model, tok, world=world, probes=True, n_per_metric=3, max_new_tokens=6, progress=False,
+                      precision="bf16")
+    assert seen == [torch.bfloat16, torch.bfloat16]   # the world's questions, then the probes
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert r.meta["precision"] == "bf16"
+    _check(r, [*core.SYNTHETIC_METRICS, *core.REAL_METRICS])
+    evaluate_core(model, tok, world=world, probes=False, n_per_metric=3, progress=False)
+    assert seen[-1] == torch.float32   # fp32, the default, answers from the model itself
+
+
 def test_left_padded_batches_generate_what_single_prompts_do(tiny):
     model, tok = tiny
     prompts = [probe_prompt(tok, q) for q in ("Hi?", "What is the capital of Peru, please?", "Name a planet.")]
