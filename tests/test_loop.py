@@ -202,3 +202,17 @@ def test_a_lora_checkpoint_holds_only_trainable_weights_and_resumes_exactly(rows
     assert saved and all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k][:3]
     rest = train(CausalLMLoss(lora_model()), rows, c, tmp_path / "cut", DistInfo())
     assert rest.resumed_from == 3 and rest.losses == pytest.approx(full.losses[3:], abs=1e-6)
+
+
+def test_adam_eps_damps_the_steps_of_weights_with_tiny_gradients():
+    from cogcore.train.loop import make_optimizer
+
+    def first_step(eps: float) -> float:
+        w = torch.nn.Parameter(torch.zeros(4, 4))
+        opt = make_optimizer([w], TrainConfig(lr=1e-3, adam_eps=eps))
+        w.grad = torch.full((4, 4), 1e-6)   # a gradient far below eps
+        opt.step()
+        return w.detach().abs().max().item()
+
+    assert first_step(1e-8) == pytest.approx(1e-3, rel=0.02)   # Adam moves it by ~lr whatever the gradient
+    assert first_step(1e-4) < 2e-5

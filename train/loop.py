@@ -40,6 +40,8 @@ class TrainConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay (matrices only, not norms/biases)")
     adam_beta1: float = field(0.9, help="AdamW beta1")
     adam_beta2: float = field(0.95, help="AdamW beta2")
+    adam_eps: float = field(1e-8, help="AdamW epsilon: a larger one damps the steps of weights whose gradients are "
+                                       "tiny (Adam otherwise moves every weight by about lr per step)")
     optimizer: Literal["adamw", "adamw8bit"] = field("adamw", help="adamw8bit needs bitsandbytes")
     grad_clip: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
     precision: Literal["auto", "fp32", "bf16"] = field(
@@ -105,8 +107,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
             import bitsandbytes as bnb
         except ImportError:
             raise CogcoreError("train.optimizer=adamw8bit needs bitsandbytes (pip install 'cogcore[gpu]')") from None
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
