@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--junk-classifier", action="store_true", help="also drop what the junk classifier calls junk "
                                                                    "(the config key `junk_classifier`)")
     sp.add_argument("--replay-share", type=float, help="share of replay rows (the config key `replay_share`)")
-    sp.add_argument("--replay-source", help="builtin:chat-arithmetic, builtin:chat-everyday or a records file")
+    sp.add_argument("--replay-source", help="a builtin: source (builtin:chat-general, builtin:chat-broad...) or a records file")
     sp.add_argument("--heldout-fraction", type=float, help="share of successful episodes held out for the gate")
     sp.add_argument("--lessons", choices=["template", "model"], help="who writes lessons")
     sp.add_argument("--out", help="folder for the sets (default <workspace>/consolidated)")

@@ -220,3 +220,23 @@ def test_chat_general_mixes_sums_and_everyday_questions_and_leaves_the_gates_sum
     # the sums alone are the same records as before the mix existed (the gate's general set is seeded)
     assert [r["messages"][0]["content"] for r in builtin_records("chat-arithmetic", 3, 1234)] == \
         ["What is 99 + 56?", "What is 0 + 11?", "What is 85 + 88?"]
+
+
+def test_chat_broad_adds_general_knowledge_questions_none_of_them_a_probe():
+    import re
+
+    from cogcore.eval.probes import load_probes
+    from cogcore.train.data import _KNOWLEDGE, builtin_records
+    probes = {p.question.lower() for p in load_probes()}
+    assert not probes & {q.lower() for q, _ in _KNOWLEDGE}  # the probes stay questions never trained on
+    assert len({q for q, _ in _KNOWLEDGE}) == len(_KNOWLEDGE) >= 100
+    knowledge = builtin_records("chat-knowledge", 500, 0)
+    assert {(r["messages"][0]["content"], r["messages"][1]["content"]) for r in knowledge} <= set(_KNOWLEDGE)
+    recs = builtin_records("chat-broad", 3000, 0)
+    assert recs == builtin_records("chat-broad", 3000, 0)
+    qs = [r["messages"][0]["content"] for r in recs]
+    known = {q for q, _ in _KNOWLEDGE}
+    sums = sum(bool(re.fullmatch(r"What is \d+ [+-] \d+\?", q)) for q in qs)
+    facts = sum(q in known for q in qs)
+    assert 0.28 < sums / len(qs) < 0.39 and 0.28 < facts / len(qs) < 0.39   # a third each (everyday has sums too)
+    assert not probes & {q.lower() for q in qs}

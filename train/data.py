@@ -39,6 +39,7 @@ BUILTIN_PREFIX = "builtin:"
 class DataConfig:
     source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / "
                                                            "builtin:chat-everyday / builtin:chat-general / "
+                                                           "builtin:chat-knowledge / builtin:chat-broad / "
                                                            "builtin:stdlib-docs")
     seq_len: int = field(256, help="tokens per packed row")
     packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
@@ -74,7 +75,10 @@ def builtin_records(name: str, n: int, seed: int) -> list[dict]:
         return [{"prompt": q + " ", "completion": a} for q, a in (_sum_question(rng) for _ in range(n))]
     questions = {"chat-arithmetic": _sum_question, "chat-everyday": _everyday_question,
                  # both kinds, half and half: replay that holds an adapter on everyday chat and on sums
-                 "chat-general": lambda r: _sum_question(r) if r.random() < 0.5 else _everyday_question(r)}
+                 "chat-general": lambda r: _sum_question(r) if r.random() < 0.5 else _everyday_question(r),
+                 "chat-knowledge": _knowledge_question,
+                 # sums, everyday questions and general knowledge, a third each
+                 "chat-broad": lambda r: r.choice((_sum_question, _everyday_question, _knowledge_question))(r)}
     if name in questions:
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                 for q, a in (questions[name](rng) for _ in range(n))]
@@ -83,7 +87,8 @@ def builtin_records(name: str, n: int, seed: int) -> list[dict]:
         rng.shuffle(docs)
         return [{"text": d} for d in docs[:n]]
     raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic, "
-                       "builtin:chat-everyday, builtin:chat-general, builtin:stdlib-docs")
+                       "builtin:chat-everyday, builtin:chat-general, builtin:chat-knowledge, builtin:chat-broad, "
+                       "builtin:stdlib-docs")
 
 
 # Everyday chat questions with answers that can be computed or looked up below: general
@@ -155,6 +160,71 @@ def _everyday_question(rng: random.Random) -> tuple[str, str]:
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
     h = rng.randint(2, 12)
     return f"How many minutes are in {h} hours?", f"There are {60 * h} minutes in {h} hours."
+
+
+# General-knowledge questions for replay: the kind of fact a small chat model knows and a user's
+# adapter can knock loose (capitals, symbols, authors, currencies, languages, science). None is a
+# real-world probe question (tests/test_data.py checks), so the probes stay questions replay never
+# trained on. (Replaying them did not keep a demo user's adapter from losing probe facts: README.)
+_KNOWLEDGE = (
+    [(f"What is the capital of {c}?", f"The capital of {c} is {a}.") for c, a in [
+        ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("the Czech Republic", "Prague"), ("Romania", "Bucharest"),
+        ("Bulgaria", "Sofia"), ("Ukraine", "Kyiv"), ("Iceland", "Reykjavik"), ("Indonesia", "Jakarta"),
+        ("Malaysia", "Kuala Lumpur"), ("Saudi Arabia", "Riyadh"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+        ("Ethiopia", "Addis Ababa"), ("Ghana", "Accra"), ("Venezuela", "Caracas"), ("Ecuador", "Quito"),
+        ("Uruguay", "Montevideo"), ("Jamaica", "Kingston"), ("Croatia", "Zagreb"), ("Serbia", "Belgrade"),
+        ("Lithuania", "Vilnius"), ("Latvia", "Riga"), ("Estonia", "Tallinn"), ("Afghanistan", "Kabul"),
+        ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"), ("Mongolia", "Ulaanbaatar"), ("Cambodia", "Phnom Penh"),
+        ("Syria", "Damascus"), ("Jordan", "Amman"), ("Lebanon", "Beirut"), ("Algeria", "Algiers"),
+        ("Tunisia", "Tunis"), ("Senegal", "Dakar"), ("Uganda", "Kampala"), ("Zimbabwe", "Harare")]]
+    + [(f"What is the chemical symbol for {e}?", f"The chemical symbol for {e} is {s}.") for e, s in [
+        ("magnesium", "Mg"), ("aluminium", "Al"), ("silicon", "Si"), ("phosphorus", "P"), ("sulfur", "S"),
+        ("neon", "Ne"), ("argon", "Ar"), ("lithium", "Li"), ("fluorine", "F"), ("nickel", "Ni"), ("cobalt", "Co"),
+        ("platinum", "Pt"), ("titanium", "Ti"), ("manganese", "Mn"), ("iodine", "I"), ("boron", "B")]]
+    + [(f"Who wrote {w}?", f"{w[0].upper() + w[1:]} was written by {a}.") for w, a in [
+        ("the play Hamlet", "William Shakespeare"), ("the novel Anna Karenina", "Leo Tolstoy"),
+        ("the novel Jane Eyre", "Charlotte Brontë"), ("the novel Wuthering Heights", "Emily Brontë"),
+        ("the novel Oliver Twist", "Charles Dickens"), ("the novel Emma", "Jane Austen"),
+        ("the epic poem the Iliad", "Homer"), ("the novel Animal Farm", "George Orwell"),
+        ("the novel Brave New World", "Aldous Huxley"), ("the novel To Kill a Mockingbird", "Harper Lee"),
+        ("the novel The Lord of the Rings", "J. R. R. Tolkien"), ("the novella The Metamorphosis", "Franz Kafka"),
+        ("the novel Madame Bovary", "Gustave Flaubert"), ("the novel Treasure Island", "Robert Louis Stevenson"),
+        ("the novel Alice's Adventures in Wonderland", "Lewis Carroll"), ("The Jungle Book", "Rudyard Kipling")]]
+    + [(f"What is the currency of {c}?", f"The currency of {c} is the {m}.") for c, m in [
+        ("the United States", "US dollar"), ("Canada", "Canadian dollar"), ("Australia", "Australian dollar"),
+        ("Norway", "Norwegian krone"), ("Denmark", "Danish krone"), ("Egypt", "Egyptian pound"),
+        ("Indonesia", "Indonesian rupiah"), ("Malaysia", "ringgit"), ("Nigeria", "naira"), ("Hungary", "forint"),
+        ("Argentina", "Argentine peso"), ("Ukraine", "hryvnia")]]
+    + [(f"What is the official language of {c}?", f"The official language of {c} is {lang}.") for c, lang in [
+        ("Germany", "German"), ("France", "French"), ("Italy", "Italian"), ("Mexico", "Spanish"),
+        ("Portugal", "Portuguese"), ("Turkey", "Turkish"), ("Finland", "Finnish"), ("Hungary", "Hungarian"),
+        ("Indonesia", "Indonesian"), ("South Korea", "Korean")]]
+    + [("How many planets are in the Solar System?", "There are eight planets in the Solar System."),
+       ("How many days are in a leap year?", "A leap year has 366 days."),
+       ("At what temperature in degrees Celsius does water freeze?", "Water freezes at 0 degrees Celsius."),
+       ("What is the chemical formula of table salt?", "The chemical formula of table salt is NaCl."),
+       ("Which gas do humans breathe out?", "Humans breathe out carbon dioxide."),
+       ("What is the largest organ of the human body?", "The largest organ of the human body is the skin."),
+       ("How many continents are there?", "There are seven continents."),
+       ("Which planet is known for its Great Red Spot?", "Jupiter is known for its Great Red Spot."),
+       ("What is the smallest prime number?", "The smallest prime number is 2."),
+       ("How many sides does a triangle have?", "A triangle has three sides."),
+       ("Who painted The Last Supper?", "The Last Supper was painted by Leonardo da Vinci."),
+       ("Who composed the Fifth Symphony that begins with four famous notes?",
+        "Ludwig van Beethoven composed that Fifth Symphony."),
+       ("Who proposed the theory of evolution by natural selection?",
+        "Charles Darwin proposed the theory of evolution by natural selection."),
+       ("In which year did World War I begin?", "World War I began in 1914."),
+       ("What is the longest river in Africa?", "The longest river in Africa is the Nile."),
+       ("On which continent is Egypt?", "Egypt is in Africa."),
+       ("In which city is the Statue of Liberty?", "The Statue of Liberty is in New York City."),
+       ("What is the boiling point of water in degrees Fahrenheit at sea level?",
+        "Water boils at 212 degrees Fahrenheit at sea level.")]
+)
+
+
+def _knowledge_question(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(_KNOWLEDGE)
 
 
 def _stdlib_docstrings(min_chars: int = 300) -> list[str]:
