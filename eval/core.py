@@ -330,12 +330,14 @@ def evaluate_core(model, tokenizer, *, world: World | None = None, probes: bool 
         "params": sum(p.numel() for p in model.parameters()),
         "scoring": scoring, "n_per_metric": n_per_metric, "seed": seed,
         "world": dataclasses.asdict(world.cfg) if world is not None else None,
-        "probes": len(probe_list), "seconds": {}, "precision": precision,
+        "probes": len(probe_list), "seconds": {},
     })
     was_training = model.training
     model.eval()
     try:
         with in_precision(model, precision) as answering:
+            # what the replies really came from (a bf16 or quantized model stays as it is)
+            report.meta["precision"] = str(next(answering.parameters()).dtype).removeprefix("torch.")
             _evaluate_all(answering, tokenizer, world, probe_list, report, n_per_metric, max_new_tokens, batch_size,
                           scoring, chat, seed, n_samples, progress)
     finally:

@@ -107,10 +107,10 @@ def test_bf16_eval_answers_from_a_bf16_copy_and_leaves_the_model_alone(tiny, wor
                       precision="bf16")
     assert seen == [torch.bfloat16, torch.bfloat16]   # the world's questions, then the probes
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert r.meta["precision"] == "bf16"
+    assert r.meta["precision"] == "bfloat16"
     _check(r, [*core.SYNTHETIC_METRICS, *core.REAL_METRICS])
-    evaluate_core(model, tok, world=world, probes=False, n_per_metric=3, progress=False)
-    assert seen[-1] == torch.float32   # fp32, the default, answers from the model itself
+    r = evaluate_core(model, tok, world=world, probes=False, n_per_metric=3, progress=False)
+    assert seen[-1] == torch.float32 and r.meta["precision"] == "float32"   # the default: the model itself
 
 
 def test_left_padded_batches_generate_what_single_prompts_do(tiny):
