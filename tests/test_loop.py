@@ -216,3 +216,5 @@ def test_adam_eps_damps_the_steps_of_weights_with_tiny_gradients():
 
     assert first_step(1e-8) == pytest.approx(1e-3, rel=0.02)   # Adam moves it by ~lr whatever the gradient
     assert first_step(1e-4) < 2e-5
+    with pytest.raises(ValueError, match="adam_eps must be > 0"):
+        TrainConfig(adam_eps=-1)

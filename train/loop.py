@@ -67,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"train.adam_eps must be > 0 (torch's default is 1e-8), got {self.adam_eps}")
 
 
 @dataclass
