@@ -33,14 +33,15 @@ import torch
 from .config import CogcoreError, field
 
 BUILTIN_PREFIX = "builtin:"
+# the generated datasets of builtin_records, named once for its error message and the help text
+BUILTIN_NAMES = ("arithmetic", "chat-arithmetic", "chat-everyday", "chat-general", "chat-knowledge", "chat-broad",
+                 "stdlib-docs")
 
 
 @dataclass
 class DataConfig:
-    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or builtin:arithmetic / builtin:chat-arithmetic / "
-                                                           "builtin:chat-everyday / builtin:chat-general / "
-                                                           "builtin:chat-knowledge / builtin:chat-broad / "
-                                                           "builtin:stdlib-docs")
+    source: str = field("builtin:arithmetic", help="a .jsonl/.json/.parquet/.txt file, or "
+                                                   + " / ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES))
     seq_len: int = field(256, help="tokens per packed row")
     packing: bool = field(True, help="pack several documents per row (block-diagonal attention)")
     train_on: Literal["completion", "all"] = field(
@@ -86,9 +87,8 @@ def builtin_records(name: str, n: int, seed: int) -> list[dict]:
         docs = _stdlib_docstrings()
         rng.shuffle(docs)
         return [{"text": d} for d in docs[:n]]
-    raise CogcoreError(f"unknown builtin dataset '{name}'; available: builtin:arithmetic, builtin:chat-arithmetic, "
-                       "builtin:chat-everyday, builtin:chat-general, builtin:chat-knowledge, builtin:chat-broad, "
-                       "builtin:stdlib-docs")
+    raise CogcoreError(f"unknown builtin dataset '{name}'; available: "
+                       + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES))
 
 
 # Everyday chat questions with answers that can be computed or looked up below: general
