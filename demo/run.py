@@ -60,6 +60,9 @@ class DemoConfig:
                                       "on one CPU thread 64 served the demo's 110 probes in 30.6 s against 37.6 s at 32)")
     lora_r: int = field(16, help="rank of each user's adapter")
     lora_alpha: float = field(32.0, help="LoRA alpha")
+    lora_layers: list[int] = field(default_factory=list, help="decoder layers that get adapters (refresh.lora.layers: "
+                                   "indices, negative from the last, e.g. [-15,-14,...,-1] for the upper 15); "
+                                   "empty = every layer")
     steps: int = field(16, help="optimizer steps of the grouped refresh")
     lr: float = field(1e-3, help="refresh learning rate")
     micro_batch: int = field(2, help="rows of EACH user per step in the grouped refresh")
@@ -474,6 +477,7 @@ def _sleep_config(cfg: DemoConfig, user_ids: list[str]):
                  f"consolidate.seed={cfg.seed}", f"refresh.model.source={cfg.model.source}",
                  f"refresh.model.seed={cfg.model.seed}",
                  f"refresh.lora.r={cfg.lora_r}", f"refresh.lora.alpha={cfg.lora_alpha}",
+                 f"refresh.lora.layers=[{','.join(map(str, cfg.lora_layers))}]",
                  f"refresh.train.max_steps={cfg.steps}", f"refresh.train.lr={cfg.lr}",
                  f"refresh.train.micro_batch={cfg.micro_batch}", f"refresh.train.seed={cfg.seed}",
                  f"refresh.train.precision={cfg.precision}", f"refresh.gate.precision={cfg.precision}",

@@ -28,7 +28,9 @@ from .lora import (
     SegmentPlan,
     apply_multi_lora,
     gathered_lora,
+    layer_index,
     plan_segments,
+    resolve_layers,
 )
 from .norms import KernelPatch, apply_kernels, rms_norm, swiglu
 from .registry import available_kernels, describe_kernels, resolve_impl, triton_unavailable_reason
@@ -50,10 +52,12 @@ __all__ = [
     "describe_kernels",
     "distill_loss_from_logits",
     "gathered_lora",
+    "layer_index",
     "linear_cross_entropy",
     "linear_distill_loss",
     "plan_segments",
     "resolve_impl",
+    "resolve_layers",
     "rms_norm",
     "swiglu",
     "triton_unavailable_reason",

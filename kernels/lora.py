@@ -25,6 +25,7 @@ Implementations (registry op "gathered_lora"):
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -397,6 +398,33 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+# A decoder layer's index in a module name: model.layers.17.mlp.up_proj, transformer.h.3.attn.c_attn
+# (the layer-list names PEFT's layers_to_transform looks for by default).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder layer a module sits in (``model.layers.17.mlp.up_proj`` -> 17), or None."""
+    m = _LAYER_INDEX.search(module_name)
+    return int(m.group(1)) if m else None
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """Decoder-layer indices as PEFT's ``layers_to_transform`` takes them: sorted, each in
+    range; negative ones count from the last layer (-1). Empty or None selects every layer ([])."""
+    if not layers:
+        return []
+    n = 1 + max((i for name, _ in model.named_modules() if (i := layer_index(name)) is not None), default=-1)
+    if n == 0:
+        raise ValueError(f"{type(model).__name__} has no numbered decoder layers (model.layers.<i>...): "
+                         "adapt every layer (leave the layer list empty)")
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} are out of range: the model has {n} decoder layers "
+                         f"(0..{n - 1}, or -{n}..-1 from the last)")
+    return sorted({i % n for i in layers})
+
+
 def apply_multi_lora(
     model: nn.Module,
     n_adapters: int,
@@ -404,16 +432,20 @@ def apply_multi_lora(
     target_modules: Sequence[str] = DEFAULT_TARGETS,
     alpha: float | Sequence[float] | None = None,
     *,
+    layers: Sequence[int] | None = None,
     impl: str = "auto",
 ) -> MultiLoRAPatch:
     """Wrap this model's linear layers named in `target_modules` (last name component) in
     `MultiLoRALinear`s with `n_adapters` adapters of `rank` (alpha defaults to rank: scale 1).
+    `layers` keeps only those decoder layers (indices; negative from the last; None = all),
+    like PEFT's `layers_to_transform`.
 
     Only this instance changes. The base weights are left as they are (freeze them yourself if
     you train adapters). Returns a `MultiLoRAPatch`: `.set_adapter_index(idx)` routes rows,
     `.layers` holds the wrappers, calling it restores the original modules (the adapters go).
     """
     targets = set(target_modules)
+    keep = set(resolve_layers(model, layers))
     found = [
         (name, module)
         for name, module in model.named_modules()
@@ -421,15 +453,17 @@ def apply_multi_lora(
         and hasattr(module, "in_features")
         and hasattr(module, "out_features")
         and not isinstance(module, MultiLoRALinear)
+        and (not keep or layer_index(name) in keep)
     ]
     if not found:
-        raise ValueError(f"no linear layer named any of {sorted(targets)} in {type(model).__name__}")
-    layers, originals = {}, {}
+        where = f" in layers {sorted(keep)}" if keep else ""
+        raise ValueError(f"no linear layer named any of {sorted(targets)}{where} in {type(model).__name__}")
+    wrappers, originals = {}, {}
     for name, module in found:
         wrapped = MultiLoRALinear(module, n_adapters, rank, alpha, impl=impl)
         _set_submodule(model, name, wrapped)
-        layers[name], originals[name] = wrapped, module
-    return MultiLoRAPatch(model, layers, originals)
+        wrappers[name], originals[name] = wrapped, module
+    return MultiLoRAPatch(model, wrappers, originals)
 
 
 __all__ = [
@@ -439,5 +473,7 @@ __all__ = [
     "SegmentPlan",
     "apply_multi_lora",
     "gathered_lora",
+    "layer_index",
     "plan_segments",
+    "resolve_layers",
 ]

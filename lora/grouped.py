@@ -51,7 +51,9 @@ from ..kernels import (
     MultiLoRALinear,
     TeacherDense,
     apply_multi_lora,
+    layer_index,
     linear_distill_loss,
+    resolve_layers,
 )
 from ..train import checkpoint
 from ..train.config import CogcoreError
@@ -66,17 +68,20 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM (get_peft
 @dataclass(frozen=True)
 class LoraShape:
     """The LoRA every user of a grouped run gets, read from any spec: refresh's LoraShape
-    (r, alpha, targets, rslora), train.sft.LoraConfig, or a dict of peft.LoraConfig fields."""
+    (r, alpha, targets, rslora, layers), train.sft.LoraConfig, or a dict of peft.LoraConfig fields.
+    ``layers``: the decoder layers that get adapters (PEFT's layers_to_transform; () = all)."""
 
     r: int = 16
     alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.r < 1:
             raise CogcoreError(f"lora.r must be >= 1 for adapter training, got {self.r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
     def scale(self) -> float:
@@ -91,12 +96,33 @@ class LoraShape:
             raise CogcoreError("grouped adapter training has no LoRA dropout: set lora.dropout=0")
         return cls(r=int(get("r")), alpha=float(get("alpha", get("lora_alpha", get("r")))),
                    target_modules=tuple(get("target_modules", None) or get("targets", None) or DEFAULT_TARGETS),
-                   use_rslora=bool(get("use_rslora", get("rslora", False))))
+                   use_rslora=bool(get("use_rslora", get("rslora", False))),
+                   layers=_as_layers(get("layers", None) or get("layers_to_transform", None)))
+
+    def for_model(self, model: nn.Module) -> LoraShape:
+        """This shape with its layer indices checked against ``model`` (negative ones counted from the last)."""
+        try:
+            return replace(self, layers=tuple(resolve_layers(model, self.layers)))
+        except ValueError as e:
+            raise CogcoreError(f"lora.layers: {e}") from None
 
     def peft_config(self) -> dict:
         """peft.LoraConfig fields (adapter_config.json; ``peft.LoraConfig(**shape.peft_config())``)."""
-        return {"r": self.r, "lora_alpha": self.alpha, "target_modules": list(self.target_modules),
-                "lora_dropout": 0.0, "use_rslora": self.use_rslora, "task_type": "CAUSAL_LM"}
+        cfg = {"r": self.r, "lora_alpha": self.alpha, "target_modules": list(self.target_modules),
+               "lora_dropout": 0.0, "use_rslora": self.use_rslora, "task_type": "CAUSAL_LM"}
+        if self.layers:
+            if min(self.layers) < 0:
+                raise CogcoreError(f"lora.layers {list(self.layers)} holds indices from the last layer: resolve them "
+                                   "against the model first (LoraShape.for_model)")
+            cfg["layers_to_transform"] = list(self.layers)
+        return cfg
+
+
+def _as_layers(value) -> tuple[int, ...]:
+    """A layer list as PEFT may write it: None, one index, or a list of indices."""
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(i) for i in value)
 
 
 # ----------------------------------------------------------------------------- data
@@ -316,11 +342,13 @@ def _user_seed(seed: int, user: str) -> int:
 
 def target_layers(model: nn.Module, lora: LoraShape) -> list[tuple[str, int, int]]:
     """(module name, d_in, d_out) of the layers that get adapters, in model order (the
-    selection rule of ``apply_multi_lora`` and of PEFT's ``target_modules`` by last name)."""
+    selection rule of ``apply_multi_lora`` and of PEFT's ``target_modules`` by last name, and
+    ``layers_to_transform`` by decoder-layer index)."""
     targets = set(lora.target_modules)
+    keep = set(lora.for_model(model).layers)
     found = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
              if n.rpartition(".")[2] in targets and hasattr(m, "in_features") and hasattr(m, "out_features")
-             and not isinstance(m, MultiLoRALinear)]
+             and not isinstance(m, MultiLoRALinear) and (not keep or layer_index(n) in keep)]
     if not found:
         raise CogcoreError(f"no linear layer named any of {sorted(targets)} in {type(model).__name__}; "
                            "check lora.target_modules")
@@ -402,7 +430,7 @@ def train_adapters_grouped(
     their answers. Resumes from ``run_dir`` like every recipe.
     The model is restored as it came (original layers, requires_grad flags) on return.
     """
-    lora = LoraShape.of(lora)
+    lora = LoraShape.of(lora).for_model(model)
     di = di or DistInfo()
     seed = train_cfg.seed if seed is None else seed
     users = sorted(user_records)
@@ -428,7 +456,8 @@ def train_adapters_grouped(
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    patch = apply_multi_lora(model, len(mine), lora.r, lora.target_modules, alpha=lora.scale * lora.r)
+    patch = apply_multi_lora(model, len(mine), lora.r, lora.target_modules, alpha=lora.scale * lora.r,
+                             layers=lora.layers)
     hooks = None
     try:
         for u in mine:

@@ -27,7 +27,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cogcore.kernels.lora import resolve_layers
 from cogcore.memory.consolidate import ConsolidatedSet, latest_set, load_set
+from cogcore.train import checkpoint
 from cogcore.train.config import CogcoreError, ConfigError, describe, field, load_config, save_config
 from cogcore.train.distributed import DistInfo, barrier, broadcast_object, setup
 from cogcore.train.lm import decoder_hidden, output_weight
@@ -50,6 +52,9 @@ class LoraSpec:
     dropout: float = field(0.0, help="LoRA dropout")
     targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR), help="names of the linear layers that get adapters")
     rslora: bool = field(False, help="rank-stabilised scale alpha / sqrt(r)")
+    layers: list[int] = field(default_factory=list, help="decoder layers that get adapters, by index (PEFT's "
+                              "layers_to_transform; negative counts from the last, so [-15,...,-1] is the upper 15); "
+                              "empty = every layer")
 
     def __post_init__(self):
         if self.r < 1:
@@ -57,10 +62,23 @@ class LoraSpec:
         if not self.targets:
             raise ValueError("lora.targets is empty: name at least one linear layer (e.g. q_proj,v_proj)")
 
+    def for_model(self, model: nn.Module) -> LoraSpec:
+        """This spec with its layer indices checked against ``model`` (negative ones counted from the last)."""
+        try:
+            return dataclasses.replace(self, layers=resolve_layers(model, self.layers))
+        except ValueError as e:
+            raise CogcoreError(f"lora.layers: {e}") from None
+
     def peft_config(self) -> dict:
         """The peft.LoraConfig fields this spec stands for (also what the registry records)."""
-        return {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "target_modules": list(self.targets), "use_rslora": self.rslora, "task_type": "CAUSAL_LM"}
+        cfg = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+               "target_modules": list(self.targets), "use_rslora": self.rslora, "task_type": "CAUSAL_LM"}
+        if self.layers:
+            if min(self.layers) < 0:
+                raise CogcoreError(f"lora.layers {self.layers} holds indices from the last layer: resolve them "
+                                   "against the model first (LoraSpec.for_model)")
+            cfg["layers_to_transform"] = list(self.layers)
+        return cfg
 
 
 @dataclass
@@ -261,7 +279,7 @@ def answered_replay(model, tokenizer, records: dict[str, list[dict]], data: Refr
 def add_lora(model, spec: LoraSpec):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-    return get_peft_model(model, PeftLoraConfig(**spec.peft_config()))
+    return get_peft_model(model, PeftLoraConfig(**spec.for_model(model).peft_config()))
 
 
 def default_run_dir(user: str, set_version: int) -> Path:
@@ -498,17 +516,21 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model)
         base = model.base_hash
+        lora = cfg.lora.for_model(model)
         warm = {u: _live_for_base(registry, u, base) for u in sets} if cfg.warm_start else {}
         init = {u: registry.load_weights(a, base) for u, a in warm.items() if a is not None}
         records = answered_replay(model, tokenizer, records, cfg.data, di, cfg.train.precision)
-        # the run directory is named by what is trained: other data (scales, replay answers) is another run
+        # the run directory is named by what is trained and how: other data (scales, replay answers), another
+        # adapter shape or other training settings is another run (a killed run with the same ones resumes)
         tag = "-".join(f"{u}{sets[u].version}" for u in sorted(sets))
-        tag += json.dumps(records, sort_keys=True, default=str) + cfg.data.replay_loss + cfg.data.replay_rows
+        tag += json.dumps(records, sort_keys=True, default=str)
+        tag += checkpoint.config_hash(checkpoint.resume_config(asdict(cfg.train), {"lora": asdict(lora)}))
+        tag += cfg.data.replay_loss + cfg.data.replay_rows
         group_dir = get_workspace().runs / f"refresh-grouped-{hashlib.sha256(tag.encode()).hexdigest()[:10]}"
         if di.is_main:
             print(f"refresh: {len(sets)} users in one pass ({', '.join(sorted(sets))}); base {base[:12]}; "
                   f"run {group_dir}", flush=True)
-        weights = train_adapters_grouped(model, tokenizer, records, cfg.lora, cfg.train, group_dir, di,
+        weights = train_adapters_grouped(model, tokenizer, records, lora, cfg.train, group_dir, di,
                                          seq_len=cfg.data.seq_len, packing=cfg.data.packing, init=init or None,
                                          kl_target=_kl_target(cfg.data), kl_ce_weight=_kl_ce_weight(cfg.data),
                                          kl_apart=cfg.data.replay_rows == "apart")
@@ -519,7 +541,7 @@ def refresh_grouped(cfg: RefreshConfig, users: list[str], registry: AdapterRegis
             for user in sorted(sets):
                 run_dir = default_run_dir(user, sets[user].version)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                adapter_dir = write_adapter_dir(run_dir / "adapter", weights[user], cfg.lora.peft_config())
+                adapter_dir = write_adapter_dir(run_dir / "adapter", weights[user], lora.peft_config())
                 if gate_model is None:
                     gate_model = PeftModel.from_pretrained(load_model(cfg.model), str(adapter_dir), adapter_name=user)
                 else:

@@ -302,7 +302,8 @@ class AdapterRegistry:
             meta = {"user": user, "version": version, "base_hash": base_hash, "sha256": digest,
                     "lineage": lineage or {}, "gate": gate or {}, "created": time.time(),
                     "peft_config": {k: peft_config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora",
-                                                                    "lora_dropout", "bias", "base_model_name_or_path")}}
+                                                                    "layers_to_transform", "lora_dropout", "bias",
+                                                                    "base_model_name_or_path")}}
             _write_durable(tmp / META, json.dumps(meta, indent=1, sort_keys=True))  # last: marks it complete
             _fsync_dir(tmp)
             os.rename(tmp, final)

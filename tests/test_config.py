@@ -56,6 +56,13 @@ def test_overrides_are_typed_and_nested():
                                         "lora.target_modules=[q_proj,v_proj]", "model.source=tiny-llama"])
     assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 7 and cfg.data.packing is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    # a list key given one value is a list of one; a comma list is a list
+    from cogcore.lora.refresh import RefreshConfig
+    assert load_config(RefreshConfig, None, ["lora.layers=-1"]).lora.layers == [-1]
+    assert load_config(RefreshConfig, None, ["lora.layers=12,-1"]).lora.layers == [12, -1]
+    assert load_config(SFTConfig, None, ["lora.target_modules=q_proj"]).lora.target_modules == ["q_proj"]
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(RefreshConfig, None, ["lora.layers=[1,top]"])
 
 
 def test_unknown_key_names_the_key_and_a_suggestion():

@@ -76,6 +76,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `lora.layers=-1` on the command line: a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
         (inner,) = get_args(tp)

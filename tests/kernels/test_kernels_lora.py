@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from cogcore.kernels import MultiLoRALinear, apply_multi_lora, gathered_lora, plan_segments
+from cogcore.kernels import (
+    MultiLoRALinear,
+    apply_multi_lora,
+    gathered_lora,
+    layer_index,
+    plan_segments,
+    resolve_layers,
+)
 
 N, D_IN, D_OUT = 37, 19, 23
 RANKS = (2, 6, 3, 6)  # zero-padded to r_max = 6
@@ -197,6 +204,20 @@ def test_undo_restores_the_model_and_leaves_other_instances_alone(make_llama):
     assert {name: m for name, m in model.named_modules()} == originals
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_layer_selection_wraps_only_those_decoder_layers(make_llama):
+    """layers= keeps PEFT's layers_to_transform rule: by decoder-layer index, negative from the last."""
+    assert layer_index("model.layers.17.mlp.up_proj") == 17 and layer_index("transformer.h.3.attn.c_attn") == 3
+    assert layer_index("lm_head") is None and layer_index("model.layers_norm.weight") is None
+    model = make_llama(seed=0, layers=4)
+    assert resolve_layers(model, [-1, 0, -4]) == [0, 3] and resolve_layers(model, None) == []
+    patch = apply_multi_lora(model, n_adapters=2, rank=4, target_modules=("q_proj", "up_proj"), layers=[-2, -1])
+    assert sorted(patch.layers) == [f"model.layers.{i}.{m}" for i in (2, 3) for m in ("mlp.up_proj", "self_attn.q_proj")]
+    patch()
+    with pytest.raises(ValueError, match=r"layer indices \[4, -5\] are out of range: the model has 4 decoder layers"):
+        apply_multi_lora(model, n_adapters=2, rank=4, layers=[4, -5, 1])
+    assert not any(isinstance(m, MultiLoRALinear) for m in model.modules()), "a refused selection wraps nothing"
 
 
 def test_bitsandbytes_4bit_base(assert_close, monkeypatch):

@@ -140,6 +140,39 @@ def test_resume_and_warm_start(tok, users, tmp_path, one_thread):
         torch.testing.assert_close(warm["bob"][k], full["bob"][k], atol=1e-9, rtol=0)
 
 
+def test_layer_selection_equals_peft_layers_to_transform(tok, users, tmp_path, one_thread):
+    """lora.layers=[-1]: adapters only on the last of tiny-llama's 2 decoder layers, trained grouped
+    exactly as PEFT trains a LoraConfig(layers_to_transform=[1]), and loaded back by PEFT from disk."""
+    from peft import PeftModel
+    data, held = users
+    upper = LoraShape(r=4, alpha=8.0, use_rslora=True, layers=(-1,))
+    model = load_model("tiny-llama")
+    grouped = train_adapters_grouped(model, tok, {"alice": data["alice"]}, upper, cfg(max_steps=6), tmp_path / "g",
+                                     seq_len=SEQ)["alice"]
+    assert grouped and all(".layers.1." in k for k in grouped), "only the last layer is adapted"
+    assert len(grouped) == len(initial_adapter_weights(model, LORA, "alice")) // 2
+    resolved = upper.for_model(model)
+    assert resolved.layers == (1,) and resolved.peft_config()["layers_to_transform"] == [1]
+
+    init = initial_adapter_weights(model, upper, "alice", seed=0)
+    single, _ = train_single_peft(model, tok, data["alice"], resolved, cfg(max_steps=6), tmp_path / "s", seq_len=SEQ,
+                                  init=init, user="alice")
+    assert single.keys() == grouped.keys()
+    for k in single:
+        torch.testing.assert_close(grouped[k], single[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
+    adapter_dir = write_adapter_dir(tmp_path / "adapter", grouped, resolved.peft_config())
+    peft_model = PeftModel.from_pretrained(load_model("tiny-llama"), str(adapter_dir))
+    assert {n.split(".layers.")[1].split(".")[0] for n, _ in peft_model.named_parameters() if "lora_A" in n} == {"1"}
+    assert heldout_loss(peft_model, tok, held["alice"]) < heldout_loss(load_model("tiny-llama"), tok, held["alice"])
+
+    with pytest.raises(CogcoreError, match=r"lora.layers: layer indices \[2\] are out of range: the model has 2"):
+        train_adapters_grouped(model, tok, {"alice": data["alice"]}, LoraShape(r=4, layers=(0, 2)), cfg(max_steps=1),
+                               tmp_path / "bad", seq_len=SEQ)
+    with pytest.raises(CogcoreError, match="resolve them against the model first"):
+        upper.peft_config()
+    assert LoraShape.of({"r": 4, "lora_alpha": 8, "layers_to_transform": 1}).layers == (1,)
+
+
 def test_clear_errors(tok, users, tmp_path):
     data, _ = users
     model = load_model("tiny-llama")

@@ -77,6 +77,13 @@ def test_only_lora_parameters_are_trainable():
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert {n.split(".")[-4] for n in names} == {"q_proj", "down_proj"}  # ...q_proj.lora_A.default.weight
     assert model.peft_config["default"].use_rslora
+    # lora.layers: the upper decoder layer only (negative from the last), as PEFT's layers_to_transform
+    upper = add_lora(load_model("tiny-llama"), LoraSpec(r=4, layers=[-1]))
+    names = [n for n, p in upper.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)
+    assert upper.peft_config["default"].layers_to_transform == [1]
+    with pytest.raises(CogcoreError, match=r"lora.layers: layer indices \[-3\] are out of range: the model has 2 "):
+        add_lora(load_model("tiny-llama"), LoraSpec(r=4, layers=[-3]))
 
 
 def test_refresh_config_errors(fresh_home):
@@ -209,8 +216,14 @@ def test_grouped_refresh_run_is_named_by_its_data(fresh_home, demo_users, one_th
                     AdapterRegistry())
     # so is another replay loss (the same records, trained by KL to the base)
     refresh_grouped(load_config(RefreshConfig, None, common + ["data.replay_loss=kl"]), users, AdapterRegistry())
+    # and another adapter shape: the upper layer only, published with its layers_to_transform
+    res = refresh_grouped(load_config(RefreshConfig, None, common + ["lora.layers=-1"]), users, AdapterRegistry())
     runs = sorted(p.name for p in (fresh_home / "runs").glob("refresh-grouped-*"))
-    assert len(runs) == 3, runs
+    assert len(runs) == 4, runs
+    art = AdapterRegistry().get(res[0].user)
+    assert art.peft_config["layers_to_transform"] == [1]
+    assert json.loads((art.path / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    assert all(".layers.1." in k for k in load_file(art.path / "adapter_model.safetensors"))
 
 
 def test_single_user_refresh_with_kl_replay(fresh_home, demo_users, one_thread):

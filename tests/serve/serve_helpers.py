@@ -12,22 +12,23 @@ from cogcore.lora.registry import AdapterRegistry
 from cogcore.train.model import ModelSpec, load_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (user, rank, alpha, targets, use_rslora): ranks differ (zero padding), targets differ (untargeted layers
-# stay zero), one uses rsLoRA scaling
-ADAPTERS = [("alice", 4, 8.0, ["q_proj", "v_proj"], False),
-            ("bob", 8, 16.0, ALL, False),
-            ("carol", 2, 4.0, ["q_proj", "k_proj", "o_proj", "down_proj"], True)]
+# (user, rank, alpha, targets, use_rslora, layers): ranks differ (zero padding), targets differ (untargeted
+# layers stay zero), one uses rsLoRA scaling and adapts only the last decoder layer (layers_to_transform)
+ADAPTERS = [("alice", 4, 8.0, ["q_proj", "v_proj"], False, None),
+            ("bob", 8, 16.0, ALL, False, None),
+            ("carol", 2, 4.0, ["q_proj", "k_proj", "o_proj", "down_proj"], True, [1])]
 PROMPTS = ["Hello there, how are", "The capital of France is", "abc", "once upon a time, in a land far away,"]
 
 
 
 def make_adapter(base_model, out: Path, seed: int, r: int = 4, alpha: float = 8.0, targets=("q_proj", "v_proj"),
-                 rslora: bool = False, std: float = 0.5) -> Path:
+                 rslora: bool = False, std: float = 0.5, layers: list[int] | None = None) -> Path:
     """A real PEFT adapter with random non-zero B (so it changes the output), saved the PEFT way."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    cfg = PeftLoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora, task_type="CAUSAL_LM")
+    cfg = PeftLoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                         layers_to_transform=layers, task_type="CAUSAL_LM")
     model = get_peft_model(copy.deepcopy(base_model), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -41,9 +42,9 @@ def make_adapter(base_model, out: Path, seed: int, r: int = 4, alpha: float = 8.
 
 
 def publish_all(registry: AdapterRegistry, base_model, tmp: Path, seed0: int = 1) -> None:
-    for i, (user, r, alpha, targets, rslora) in enumerate(ADAPTERS):
-        registry.publish(user, make_adapter(base_model, tmp / f"{user}-{i}", seed0 + i, r, alpha, targets, rslora),
-                         base_hash=base_model.base_hash)
+    for i, (user, r, alpha, targets, rslora, layers) in enumerate(ADAPTERS):
+        registry.publish(user, make_adapter(base_model, tmp / f"{user}-{i}", seed0 + i, r, alpha, targets, rslora,
+                                            layers=layers), base_hash=base_model.base_hash)
 
 
 

@@ -85,7 +85,7 @@ def test_mixed_batch_equals_alone(engine, alone):
 
 def test_equals_peft(engine, alone, base, registry):
     """The engine's adapter math (padding to the slot rank, per-layer scale, rsLoRA, untargeted
-    layers) is PEFT's: greedy tokens equal PeftModel.generate's for every adapter."""
+    modules and decoder layers) is PEFT's: greedy tokens equal PeftModel.generate's for every adapter."""
     for (model, prompt), tokens in alone.items():
         ref = engine.resolve(model).adapter
         path = registry.get(ref.user, ref.version).path if ref else None
