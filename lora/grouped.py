@@ -101,21 +101,13 @@ class LoraShape:
 
     def for_model(self, model: nn.Module) -> LoraShape:
         """This shape with its layer indices checked against ``model`` (negative ones counted from the last)."""
-        try:
-            return replace(self, layers=tuple(resolve_layers(model, self.layers)))
-        except ValueError as e:
-            raise CogcoreError(f"lora.layers: {e}") from None
+        return replace(self, layers=tuple(model_layers(model, self.layers)))
 
     def peft_config(self) -> dict:
         """peft.LoraConfig fields (adapter_config.json; ``peft.LoraConfig(**shape.peft_config())``)."""
-        cfg = {"r": self.r, "lora_alpha": self.alpha, "target_modules": list(self.target_modules),
-               "lora_dropout": 0.0, "use_rslora": self.use_rslora, "task_type": "CAUSAL_LM"}
-        if self.layers:
-            if min(self.layers) < 0:
-                raise CogcoreError(f"lora.layers {list(self.layers)} holds indices from the last layer: resolve them "
-                                   "against the model first (LoraShape.for_model)")
-            cfg["layers_to_transform"] = list(self.layers)
-        return cfg
+        return {"r": self.r, "lora_alpha": self.alpha, "target_modules": list(self.target_modules),
+                "lora_dropout": 0.0, "use_rslora": self.use_rslora, "task_type": "CAUSAL_LM",
+                **layers_to_transform(self.layers)}
 
 
 def _as_layers(value) -> tuple[int, ...]:
@@ -123,6 +115,24 @@ def _as_layers(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return (int(value),) if isinstance(value, int) else tuple(int(i) for i in value)
+
+
+def model_layers(model: nn.Module, layers) -> list[int]:
+    """``lora.layers`` checked against ``model``: indices from 0, sorted ([] = every layer)."""
+    try:
+        return resolve_layers(model, layers)
+    except ValueError as e:
+        raise CogcoreError(f"lora.layers: {e}") from None
+
+
+def layers_to_transform(layers) -> dict:
+    """The peft.LoraConfig field for a layer selection: none for every layer."""
+    if not layers:
+        return {}
+    if min(layers) < 0:
+        raise CogcoreError(f"lora.layers {list(layers)} holds indices from the last layer: resolve them against "
+                           "the model first (for_model)")
+    return {"layers_to_transform": list(layers)}
 
 
 # ----------------------------------------------------------------------------- data

@@ -27,7 +27,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cogcore.kernels.lora import resolve_layers
 from cogcore.memory.consolidate import ConsolidatedSet, latest_set, load_set
 from cogcore.train import checkpoint
 from cogcore.train.config import CogcoreError, ConfigError, describe, field, load_config, save_config
@@ -38,7 +37,14 @@ from cogcore.train.model import ModelSpec, base_hash, load_model, load_tokenizer
 from cogcore.train.workspace import get_workspace
 
 from .gate import GateConfig, gate, gate_table, heldout_records, other_users_heldout
-from .grouped import base_hidden_for_kl, pack_user_rows_kl, rows_loss_sum, train_adapters_grouped
+from .grouped import (
+    base_hidden_for_kl,
+    layers_to_transform,
+    model_layers,
+    pack_user_rows_kl,
+    rows_loss_sum,
+    train_adapters_grouped,
+)
 from .registry import AdapterArtifact, AdapterRegistry, check_user
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,21 +70,13 @@ class LoraSpec:
 
     def for_model(self, model: nn.Module) -> LoraSpec:
         """This spec with its layer indices checked against ``model`` (negative ones counted from the last)."""
-        try:
-            return dataclasses.replace(self, layers=resolve_layers(model, self.layers))
-        except ValueError as e:
-            raise CogcoreError(f"lora.layers: {e}") from None
+        return dataclasses.replace(self, layers=model_layers(model, self.layers))
 
     def peft_config(self) -> dict:
         """The peft.LoraConfig fields this spec stands for (also what the registry records)."""
-        cfg = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-               "target_modules": list(self.targets), "use_rslora": self.rslora, "task_type": "CAUSAL_LM"}
-        if self.layers:
-            if min(self.layers) < 0:
-                raise CogcoreError(f"lora.layers {self.layers} holds indices from the last layer: resolve them "
-                                   "against the model first (LoraSpec.for_model)")
-            cfg["layers_to_transform"] = list(self.layers)
-        return cfg
+        return {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "target_modules": list(self.targets), "use_rslora": self.rslora, "task_type": "CAUSAL_LM",
+                **layers_to_transform(self.layers)}
 
 
 @dataclass
