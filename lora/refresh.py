@@ -381,6 +381,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
         tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model)
         base = model.base_hash
+        lora = cfg.lora.for_model(model)  # a layer index the model lacks fails here, before any work
         # the set's rows with their per-segment weights (policy / world / replay)
         records = answered_replay(model, tokenizer, {user: set_records(cset, cfg.data)}, cfg.data, di,
                                   cfg.train.precision)[user]
@@ -390,7 +391,7 @@ def run(cfg: RefreshConfig, di: DistInfo | None = None, registry: AdapterRegistr
             registry.verify(warm, base)
             model = PeftModel.from_pretrained(model, str(warm.path), is_trainable=True)
         else:
-            model = add_lora(model, cfg.lora)
+            model = add_lora(model, lora)
 
         rows, kl_tokens = pack_user_rows_kl(tokenizer, records, cfg.data.seq_len, user, packing=cfg.data.packing,
                                             kl_target=_kl_target(cfg.data), apart=cfg.data.replay_rows == "apart")
