@@ -31,6 +31,7 @@ from .lora import (
     layer_index,
     plan_segments,
     resolve_layers,
+    targeted_linears,
 )
 from .norms import KernelPatch, apply_kernels, rms_norm, swiglu
 from .registry import available_kernels, describe_kernels, resolve_impl, triton_unavailable_reason
@@ -60,5 +61,6 @@ __all__ = [
     "resolve_layers",
     "rms_norm",
     "swiglu",
+    "targeted_linears",
     "triton_unavailable_reason",
 ]

@@ -425,6 +425,19 @@ def resolve_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     return sorted({i % n for i in layers})
 
 
+def targeted_linears(model: nn.Module, target_modules: Sequence[str],
+                     layers: Sequence[int] | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the linear layers an adapter goes on, in model order: named in
+    `target_modules` (last name component, PEFT's `target_modules`) and inside `layers`
+    (decoder-layer indices, PEFT's `layers_to_transform`; None = all). Already-wrapped ones are skipped."""
+    targets = set(target_modules)
+    keep = set(resolve_layers(model, layers))
+    return [(name, module) for name, module in model.named_modules()
+            if name.rpartition(".")[2] in targets and hasattr(module, "in_features")
+            and hasattr(module, "out_features") and not isinstance(module, MultiLoRALinear)
+            and (not keep or layer_index(name) in keep)]
+
+
 def apply_multi_lora(
     model: nn.Module,
     n_adapters: int,
@@ -444,20 +457,10 @@ def apply_multi_lora(
     you train adapters). Returns a `MultiLoRAPatch`: `.set_adapter_index(idx)` routes rows,
     `.layers` holds the wrappers, calling it restores the original modules (the adapters go).
     """
-    targets = set(target_modules)
-    keep = set(resolve_layers(model, layers))
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.rpartition(".")[2] in targets
-        and hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-        and not isinstance(module, MultiLoRALinear)
-        and (not keep or layer_index(name) in keep)
-    ]
+    found = targeted_linears(model, target_modules, layers)
     if not found:
-        where = f" in layers {sorted(keep)}" if keep else ""
-        raise ValueError(f"no linear layer named any of {sorted(targets)}{where} in {type(model).__name__}")
+        where = f" in layers {list(layers)}" if layers else ""
+        raise ValueError(f"no linear layer named any of {sorted(target_modules)}{where} in {type(model).__name__}")
     wrappers, originals = {}, {}
     for name, module in found:
         wrapped = MultiLoRALinear(module, n_adapters, rank, alpha, impl=impl)
@@ -476,4 +479,5 @@ __all__ = [
     "layer_index",
     "plan_segments",
     "resolve_layers",
+    "targeted_linears",
 ]

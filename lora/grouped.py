@@ -51,9 +51,9 @@ from ..kernels import (
     MultiLoRALinear,
     TeacherDense,
     apply_multi_lora,
-    layer_index,
     linear_distill_loss,
     resolve_layers,
+    targeted_linears,
 )
 from ..train import checkpoint
 from ..train.config import CogcoreError
@@ -354,13 +354,10 @@ def target_layers(model: nn.Module, lora: LoraShape) -> list[tuple[str, int, int
     """(module name, d_in, d_out) of the layers that get adapters, in model order (the
     selection rule of ``apply_multi_lora`` and of PEFT's ``target_modules`` by last name, and
     ``layers_to_transform`` by decoder-layer index)."""
-    targets = set(lora.target_modules)
-    keep = set(lora.for_model(model).layers)
-    found = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
-             if n.rpartition(".")[2] in targets and hasattr(m, "in_features") and hasattr(m, "out_features")
-             and not isinstance(m, MultiLoRALinear) and (not keep or layer_index(n) in keep)]
+    found = [(n, m.in_features, m.out_features)
+             for n, m in targeted_linears(model, lora.target_modules, lora.for_model(model).layers)]
     if not found:
-        raise CogcoreError(f"no linear layer named any of {sorted(targets)} in {type(model).__name__}; "
+        raise CogcoreError(f"no linear layer named any of {sorted(lora.target_modules)} in {type(model).__name__}; "
                            "check lora.target_modules")
     return found
 
