@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -196,6 +197,9 @@ def build_parser(with_config_help: str | None = None) -> argparse.ArgumentParser
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # peft asks every model for transformers' deprecated `is_gradient_checkpointing`, and
+    # recent transformers warn on each ask: noise in every run's output that no user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # Commands with their own flags get everything after their name, --help included.
     home_at = argv.index("--home") if "--home" in argv else -1
     home_value = home_at + 1 if home_at >= 0 else -1
