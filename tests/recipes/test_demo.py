@@ -135,3 +135,37 @@ def test_the_share_of_cpu_time_stolen_and_idle_comes_from_the_counters():
     assert _cpu_share(None, [1] * 8) is None and _cpu_share([5] * 8, [5] * 8) is None
     now = _cpu_times()
     assert now is None or (len(now) == 8 and all(x >= 0 for x in now))
+
+
+def test_probe_replies_are_asked_in_fixed_batches_with_each_users_live_adapter(tmp_path, one_thread):
+    """The demo's general probes: the core's replies do not depend on what else is asked, a user
+    without a published adapter is the core, and a user's adapter is the one answering for them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cogcore.demo.run import DemoConfig, _probe_hits, _probe_replies
+    from cogcore.eval.core import generate, probe_prompt
+    from cogcore.eval.probes import load_probes
+    from cogcore.train.model import load_model, load_tokenizer
+
+    tokenizer, core = load_tokenizer("tiny-llama"), load_model("tiny-llama")
+    adapter = get_peft_model(load_model("tiny-llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # random non-zero weights: this adapter answers differently from the core
+        g = torch.Generator().manual_seed(0)
+        for name, p in adapter.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    adapter.save_pretrained(tmp_path / "alice")
+
+    cfg = DemoConfig(precision="fp32", probe_max_new_tokens=6)
+    probes = load_probes()[:12]
+    on_its_own = [generate(core.eval(), tokenizer, [probe_prompt(tokenizer, p.question)], max_new_tokens=6,
+                           batch_size=1)[0] for p in probes]
+    alone = _probe_replies("tiny-llama", probes, cfg, {"core": None})
+    along = _probe_replies("tiny-llama", probes, cfg, {"core": None, "alice": tmp_path / "alice", "bob": None})
+    assert alone["core"] == along["core"] == along["bob"] == on_its_own
+    differ = sum(a != c for a, c in zip(along["alice"], along["core"]))
+    assert differ >= 6, along  # alice's adapter answers for alice
+    hits = _probe_hits("tiny-llama", probes, cfg, {"core": None})
+    assert len(hits["core"]) == 12 and all(isinstance(h, bool) for h in hits["core"])
+    assert _probe_hits("tiny-llama", [], cfg, {"core": None}) == {"core": []}
