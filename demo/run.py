@@ -9,7 +9,7 @@ Reads top to bottom:
   2. serve   — `cogcore serve` on loopback, no user adapters yet
   3. wake    — each user's episodes go through the server (model `core:<user>`); the scripted
                environment answers; every exchange, the correction and junk go into the log
-  4. before  — held-out episodes and a world-model check through the server; general probes
+  4. before  — held-out episodes and a world-model check through the server; general probes in-process
   5. sleep   — consolidate each user (junk dropped), refresh all users' adapters in one grouped
                pass, gate, publish; the server picks the new versions up without a restart
   6. after   — the same measurements with each user's adapter, plus a cross-user leakage check
