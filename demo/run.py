@@ -474,7 +474,7 @@ def _probe_replies(model_dir: Path, probes: list, cfg: DemoConfig, adapters: dic
     from cogcore.lora.gate import replies, using
     from cogcore.train.model import load_model, load_tokenizer
     spec = ModelSpec(source=str(model_dir))
-    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    tokenizer, model = load_tokenizer(spec), load_model(spec).eval()
     prompts = [probe_prompt(tokenizer, p.question) for p in probes]
     published = {name: d for name, d in adapters.items() if d is not None}
     for name, d in published.items():
@@ -486,17 +486,11 @@ def _probe_replies(model_dir: Path, probes: list, cfg: DemoConfig, adapters: dic
     for name in adapters:
         t0 = time.time()
         adapter = name if name in published else None
-        with using(model, adapter) if published else _eval(model) as m, in_precision(m, cfg.precision) as g:
+        with using(model, adapter) if published else contextlib.nullcontext(model) as m, in_precision(m, cfg.precision) as g:
             said[name] = replies(g, tokenizer, prompts, cfg.probe_max_new_tokens, batch_size=64)
         print(f"  general probes: {len(prompts)} asked of {name} ({'its adapter' if adapter else 'the core'}) "
               f"in {time.time() - t0:.0f} s", flush=True)
     return said
-
-
-@contextlib.contextmanager
-def _eval(model):
-    model.eval()
-    yield model
 
 
 def _leakage_jobs(users, split, policy_messages) -> tuple[list, list]:
