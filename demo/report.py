@@ -11,12 +11,22 @@ def _pct(x: float) -> str:
     return "-" if x != x else f"{x:.0%}"  # NaN: not measured (e.g. probes=0)
 
 
+def _gate_word(r: dict) -> str:
+    """published / published at a share of its update (the gate's back-off) / blocked."""
+    if not r["gate_passed"]:
+        return "blocked"
+    scale = r.get("gate_scale") or 1.0
+    return "published" if scale == 1.0 else f"published x{scale:g}"
+
+
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     t = Table(title="cogcore demo: before sleep -> after sleep (held-out episodes)",
               caption=f"per user: {results['heldout_per_user']} held-out episodes; general probe: "
-                      f"{results['n_probes']} real-world questions the gate does not ask")
+                      f"{results['n_probes']} real-world questions the gate does not ask"
+                      + ("; published xS: with S of its update as trained (the gate's back-off)"
+                         if any((r.get("gate_scale") or 1.0) != 1.0 for r in results["users"].values()) else ""))
     for col in ("user", "success", "world model", "general probe", "leakage", "gate", "adapter"):
         t.add_column(col)
     for uid, r in results["users"].items():
@@ -25,7 +35,7 @@ def print_table(results: dict) -> None:
                   f"{r['world_before']:.0%} -> {r['world_after']:.0%}",
                   f"{_pct(r['probe_before'])} -> {_pct(r['probe_after'])}",
                   f"{r['leakage']:.0%}",
-                  "published" if r["gate_passed"] else "blocked",
+                  _gate_word(r),
                   r.get("adapter") or "-")
     Console().print(t)
     phases = "  ".join(f"{k} {v:.0f}s" for k, v in results["phases_s"].items())
@@ -84,7 +94,7 @@ def write_report(out: Path, results: dict) -> Path:
             f"<tr><td>{html.escape(uid)}</td><td>{r['success_before']:.0%} &rarr; {r['success_after']:.0%}</td>"
             f"<td>{r['world_before']:.0%} &rarr; {r['world_after']:.0%}</td>"
             f"<td>{_pct(r['probe_before'])} &rarr; {_pct(r['probe_after'])}</td><td>{r['leakage']:.0%}</td>"
-            f"<td>{'published ' + html.escape(r.get('adapter') or '') if r['gate_passed'] else 'blocked'}</td>"
+            f"<td>{html.escape(_gate_word(r))} {html.escape(r.get('adapter') or '') if r['gate_passed'] else ''}</td>"
             f"<td>{html.escape(reasons)}</td></tr>")
     junk = results.get("junk", {})
     page = f"""<!doctype html><meta charset="utf-8"><title>cogcore demo</title>

@@ -48,13 +48,14 @@ class DemoConfig:
     max_train_episodes: int = field(0, help="use at most this many logged episodes per user (0 = all the rest)")
     junk_share: float = field(0.25, help="junk episodes planted in each user's stream, as a share of real ones")
     max_new_tokens: int = field(40, help="tokens per reply")
-    probes: int = field(110, help="general real-world probe questions asked before and after (0 = skip; 110 = every "
-                                  "probe the gate does not ask: at 40 the standard error of a drop was ~7 points, "
-                                  "as large as the tolerance it is read against)")
+    probes: int = field(150, help="general real-world probe questions asked before and after (0 = skip; 150 = every "
+                                  "probe of the cognitive-core eval, none of which the gate asks: at 40 the standard "
+                                  "error of a drop was ~7 points, as large as the tolerance it is read against)")
     probe_max_new_tokens: int = field(24, help="tokens per probe reply (the gate's budget; 24 and 40 gave the same "
                                                "probe accuracy)")
-    gate_probes: int = field(40, help="real-world probes the gate itself asks (a set apart from the demo's own "
-                                      "probes above; 0 = the gate guards general ability by losses only)")
+    gate_probes: int = field(400, help="real-world probes the gate itself asks, at most (its own file, apart from "
+                                       "the demo's probes above; 0 = the gate guards general ability by losses and "
+                                       "answers only)")
     gate_general_documents: int = field(64, help="general questions whose answers and loss the gate compares with the base")
     concurrency: int = field(64, help="requests in flight at once (the server decodes up to this many in one batch; "
                                       "on one CPU thread 64 served the demo's 110 probes in 30.6 s against 37.6 s at 32)")
@@ -322,7 +323,7 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
                   + (f" ({dupes} already in the log)" if dupes else ""), flush=True)
 
     # 4. before sleep: held-out episodes, world model and general probe, all on the plain core
-    probes = _probe_questions(cfg.probes, cfg.gate_probes)
+    probes = _probe_questions(cfg.probes, _sleep_config(cfg, [u.id for u in users]).refresh.gate)
     with phases("before", "held-out episodes on the core (no adapters)"):
         before = _measure(server, users, split, cfg, lambda u: "core", policy_messages, world_messages)
         before["probe_hits"] = _probe_hits(model_dir, probes, cfg, {"core": None})
@@ -353,6 +354,7 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
             "world_before": before["world"][u.id], "world_after": after["world"][u.id],
             "probe_before": _mean(hits_before), "probe_after": _mean(hits_after),
             "leakage": leakage[u.id], "gate_passed": sleep_report[u.id]["published"],
+            "gate_scale": sleep_report[u.id].get("scale"),
             "gate_reasons": sleep_report[u.id].get("reasons", []), "adapter": sleep_report[u.id].get("adapter"),
             "n_heldout": len(split[u.id][1]), "examples": {k: v for k, v in sleep_report[u.id].items()
                                                            if k.startswith("n_")},
@@ -399,11 +401,12 @@ def _junk_events(u: DemoUser, junk: tuple[str, ...], rng, episode_id: str, ts: f
                   text=text, meta={"planted_junk": True}) for k, (kind, text) in enumerate(kinds)]
 
 
-def _probe_questions(n: int, gate_probes: int) -> list:
-    """``n`` real-world probes spread over the file, none of them one the gate asks: the demo's
-    general check stays independent of what the gate optimised its decision on."""
-    from cogcore.lora.gate import fixed_probes
-    return fixed_probes(n, exclude={p.question for p in fixed_probes(gate_probes)})
+def _probe_questions(n: int, gate_cfg) -> list:
+    """``n`` of the cognitive-core eval's real-world probes, spread over the file, none of them one
+    the gate asks: the demo's general check stays apart from what the gate decided on."""
+    from cogcore.eval.probes import load_probes
+    from cogcore.lora.gate import fixed_probes, gate_probes
+    return fixed_probes(load_probes(), n, exclude={p.question for p in gate_probes(gate_cfg)})
 
 
 def _measure(server, users, split, cfg, model_of, policy_messages, world_messages,
@@ -552,9 +555,12 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
             reasons = [f"{row.note}; serving the live adapter {adapter}" if adapter else row.note]
         else:
             published, adapter, reasons = bool(res.passed), (res.published or res.live), list(res.reasons)
+            reasons = [f"refused at scale {t['scale']:g}: {'; '.join(t['reasons'])}"
+                       for t in (res.gate or {}).get("backoff", [])] + reasons
         out[row.user] = {
             "consolidated": row.consolidated, "note": row.note, "trained": res is not None,
             "published": published, "adapter": adapter, "reasons": reasons,
+            "scale": (res.gate or {}).get("scale", 1.0) if res is not None else None,
             "gate": res.gate if res is not None else None,
             "junk_dropped": rep.get("junk", {}).get("dropped", 0),
             "duplicates": rep.get("duplicates", {}).get("exact", 0) + rep.get("duplicates", {}).get("near", 0),

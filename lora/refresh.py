@@ -36,7 +36,16 @@ from cogcore.train.loop import TrainConfig, TrainResult, print_summary, train
 from cogcore.train.model import ModelSpec, base_hash, load_model, load_tokenizer, resolve
 from cogcore.train.workspace import get_workspace
 
-from .gate import GateConfig, gate, gate_table, heldout_records, other_users_heldout
+from .gate import (
+    GateConfig,
+    gate,
+    gate_probes,
+    gate_table,
+    heldout_records,
+    may_back_off,
+    other_users_heldout,
+    scaled_adapter,
+)
 from .grouped import (
     base_hidden_for_kl,
     layers_to_transform,
@@ -319,20 +328,35 @@ def gate_and_publish(model, tokenizer, cfg: RefreshConfig, *, user: str, cset, a
         reference = f"live-{user}"
         model.load_adapter(str(live.path), adapter_name=reference)
     others = other_users_heldout(user, cfg.gate.leak_users)
-    print(f"gate {user}: {len(heldout)} held-out episodes, {cfg.gate.probes} general probes and "
+    print(f"gate {user}: {len(heldout)} held-out episodes, {len(gate_probes(cfg.gate))} general probes and "
           f"{len(others)} other users' specifics, against {live.name if live else 'the base'}", flush=True)
-    report = gate(model, tokenizer, user=user, heldout=heldout, cfg=cfg.gate, candidate=candidate,
-                  reference=reference, reference_name=live.name if live else "base", others=others,
-                  cache_dir=get_workspace().models / "gate-cache", base_tag=base_tag(cfg.model, base), memo=memo)
+    gate_args = dict(user=user, heldout=heldout, cfg=cfg.gate, reference=reference,
+                     reference_name=live.name if live else "base", others=others,
+                     cache_dir=get_workspace().models / "gate-cache", base_tag=base_tag(cfg.model, base), memo=memo)
+    report = gate(model, tokenizer, candidate=candidate, **gate_args)
+    # the back-off: an adapter refused for forgetting alone is gated again with a smaller share of
+    # its update, and the first share that passes is published
+    scale, publish_dir, tried = 1.0, adapter_dir, []
+    for smaller in cfg.gate.backoff_scales:
+        if not may_back_off(report):
+            break
+        tried.append({"scale": scale, "passed": False, "reasons": report["reasons"]})
+        print(f"gate {user}: refused at scale {scale:g} ({'; '.join(report['reasons'])}); gating the adapter with "
+              f"{smaller:g} of its update", flush=True)
+        scale, publish_dir = smaller, scaled_adapter(adapter_dir, run_dir / f"adapter-scale{smaller:g}", smaller)
+        name = f"{candidate}-scale-{smaller:g}".replace(".", "_")  # a PEFT adapter name has no dots
+        model.load_adapter(str(publish_dir), adapter_name=name)
+        report = gate(model, tokenizer, candidate=name, **gate_args)
+        model.delete_adapter(name)
     if reference is not None:
         model.delete_adapter(reference)
-    report.update({"set_version": cset.version, "base_hash": base, "time": time.time()})
+    report.update({"scale": scale, "backoff": tried, "set_version": cset.version, "base_hash": base, "time": time.time()})
     (run_dir / "gate.json").write_text(json.dumps(report, indent=1, default=str))
     if not report["passed"]:
         return report, None
     lineage = {"set_version": cset.version, "set_path": str(cset.path), "run_dir": str(run_dir),
-               "base_source": cfg.model.source, "quantize": cfg.model.quantize, **(lineage or {})}
-    art = registry.publish(user, adapter_dir, base_hash=base, lineage=lineage, gate=report)
+               "base_source": cfg.model.source, "quantize": cfg.model.quantize, "scale": scale, **(lineage or {})}
+    art = registry.publish(user, publish_dir, base_hash=base, lineage=lineage, gate=report)
     return report, art
 
 
@@ -357,6 +381,10 @@ def summarize(result: RefreshResult, report: dict | None) -> None:
                      "tokens/s": result.train.tokens_per_s})
     for i, r in enumerate(result.reasons):
         rows[f"why ({i + 1})"] = r
+    for tried in (report or {}).get("backoff", []):
+        rows[f"refused at scale {tried['scale']:g}"] = "; ".join(tried["reasons"])
+    if report is not None and report.get("scale", 1.0) != 1.0:
+        rows["published scale"] = f"{report['scale']:g} of the update as trained (gate.backoff_scales)"
     print_summary(f"refresh {result.user}", rows)
 
 

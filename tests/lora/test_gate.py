@@ -79,7 +79,61 @@ def test_gate_config_is_validated():
         load_config(RefreshConfig, None, ["gate.policy_tolerance=2"])
     with pytest.raises(ConfigError, match="unknown config key 'gate.probe'"):
         load_config(RefreshConfig, None, ["gate.probe=3"])
-    assert GateConfig().probes == 40
+    with pytest.raises(ConfigError, match="gate.backoff_scales"):
+        load_config(RefreshConfig, None, ["gate.backoff_scales=[0.5,1.0]"])
+    assert GateConfig().backoff_scales == [0.75, 0.5]
+
+
+def test_the_gates_probes_are_its_own_well_formed_and_never_trained_on():
+    """The gate's 311 probes: each a real question with an answer its context states, none of the
+    cognitive-core eval's 150 (the demo's check stays apart from the gate's decision), none a
+    builtin:chat-broad replay question (replay would train on what the gate measures)."""
+    from cogcore.eval.probes import load_probes, mentions
+    from cogcore.lora.gate import GATE_PROBES, gate_probes
+    from cogcore.train.data import _KNOWLEDGE
+    probes = gate_probes(GateConfig())
+    assert len(probes) == len(load_probes(GATE_PROBES)) == 311
+    assert len({p.id for p in probes}) == len({p.question for p in probes}) == 311
+    assert len({p.category for p in probes}) >= 10
+    for p in probes:
+        assert p.question.endswith("?") and mentions(p.context, p.answers, p.case_sensitive), p.id
+        assert not mentions(p.counter_context, p.answers, p.case_sensitive), p.id  # the counterfact replaces it
+    asked = {p.question.lower() for p in probes}
+    assert not asked & {p.question.lower() for p in load_probes()}
+    assert not asked & {q.lower() for q, _ in _KNOWLEDGE}
+    assert len(gate_probes(GateConfig(probes=40))) == 40 and gate_probes(GateConfig(probes=0)) == []
+
+
+def test_a_scaled_adapter_moves_that_share_of_the_way_from_the_base(tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from cogcore.lora.gate import scaled_adapter
+    from cogcore.train.model import load_model
+    torch.manual_seed(0)
+    model = get_peft_model(load_model("tiny-llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "full")
+    half = scaled_adapter(tmp_path / "full", tmp_path / "half", 0.5)
+    assert (half / "adapter_config.json").read_text() == (tmp_path / "full" / "adapter_config.json").read_text()
+
+    def deltas(adapter_dir):
+        peft = PeftModel.from_pretrained(load_model("tiny-llama"), str(adapter_dir))
+        return {n: m.get_delta_weight("default") for n, m in peft.named_modules() if hasattr(m, "get_delta_weight")}
+    full, scaled = deltas(tmp_path / "full"), deltas(half)
+    assert len(full) == 2 * load_model("tiny-llama").config.num_hidden_layers
+    for name, d in full.items():
+        assert d.abs().max() > 0
+        torch.testing.assert_close(scaled[name], 0.5 * d)
+    # an adapter with weights of another kind (a trained embedding, DoRA magnitudes) is not scaled blindly
+    weights = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    save_file({**weights, "base_model.model.lm_head.weight": torch.zeros(2, 2)}, tmp_path / "full" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="other than LoRA A/B"):
+        scaled_adapter(tmp_path / "full", tmp_path / "other", 0.5)
 
 
 def test_bf16_scoring_is_close_to_fp32_and_cached_apart(tmp_path, cogcore_home, one_thread):

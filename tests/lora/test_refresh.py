@@ -240,3 +240,57 @@ def test_single_user_refresh_with_kl_replay(fresh_home, demo_users, one_thread):
     losses = [m["loss"] for m in read_metrics(Path(res.run_dir) / "metrics.jsonl") if "loss" in m]
     assert len(losses) == 4 and all(0 < x < 20 for x in losses), losses
     assert "replay_loss: kl+ce" in (Path(res.run_dir) / "config.yaml").read_text()
+
+
+def test_a_refused_adapter_is_gated_again_with_less_of_its_update(general_base, fresh_home, demo_users, one_thread,
+                                                                   monkeypatch):
+    """The back-off: an adapter that learned its user's world but failed on general ability is
+    gated again at each of gate.backoff_scales, and the first share that passes is published.
+
+    The real gate runs every time; only its verdict on general ability is a stand-in (a tiny model
+    cannot be made to forget facts at one scale and not another on cue): it refuses while the
+    candidate's loaded lora_B weights are over 0.6 of the trained ones', so the test also sees which
+    weights each gate really ran."""
+    import cogcore.lora.refresh as refresh
+    real_gate, norms = refresh.gate, {}
+
+    def strict_gate(model, tokenizer, *, candidate, **kw):
+        report = real_gate(model, tokenizer, candidate=candidate, **kw)
+        norms[candidate] = sum(float(p.norm()) for n, p in model.named_parameters() if f"lora_B.{candidate}." in n)
+        if norms[candidate] > 0.6 * norms["default"]:
+            report["criteria"]["general_probe_accuracy"] = {"passed": False, "n": 1, "note": "stand-in"}
+            report["reasons"].append("general_probe_accuracy fell (stand-in)")
+            report["passed"] = False
+        return report
+    monkeypatch.setattr(refresh, "gate", strict_gate)
+
+    alice = next(u for u in demo_users.users if u.id == "alice")
+    make_user_set(fresh_home, load_tokenizer(general_base), alice, 1, n_train=20, replay_share=0.5)
+    res = run(load_config(RefreshConfig, None, ["user=alice", f"model.source={general_base}", *TINY_REFRESH,
+                                                "gate.backoff_scales=[0.75,0.5,0.25]"]))
+    assert list(norms) == ["default", "default-scale-0_75", "default-scale-0_5"]  # stops at the first that passes
+    assert norms["default-scale-0_75"] == pytest.approx(0.75 * norms["default"], rel=1e-3)
+    assert norms["default-scale-0_5"] == pytest.approx(0.5 * norms["default"], rel=1e-3)
+    assert res.passed and res.published == "alice@v1", res.reasons
+    assert res.gate["scale"] == 0.5 and [t["scale"] for t in res.gate["backoff"]] == [1.0, 0.75]
+    assert all("stand-in" in t["reasons"][-1] for t in res.gate["backoff"])
+
+    run_dir = fresh_home / "runs" / "refresh-alice-set1"
+    art = AdapterRegistry().get("alice")
+    assert art.lineage["scale"] == 0.5 and json.loads((run_dir / "gate.json").read_text())["scale"] == 0.5
+    trained, published = load_file(run_dir / "adapter" / "adapter_model.safetensors"), load_file(art.weights_path)
+    assert trained.keys() == published.keys()
+    for k, w in trained.items():  # what went live is the trained adapter with half its update
+        torch.testing.assert_close(published[k], w * 0.5 if "lora_B" in k else w)
+
+    # only forgetting is a matter of dose: a failed held-out check, junk margin or leakage is not
+    from cogcore.lora.gate import may_back_off
+    failing = lambda *names: {"passed": False, "criteria": {  # noqa: E731
+        "heldout_policy_loss": {"passed": "heldout_policy_loss" not in names},
+        **{n: {"passed": False} for n in names}}}
+    assert may_back_off(failing("general_probe_accuracy")) and may_back_off(failing("general_answer_accuracy",
+                                                                                    "general_loss"))
+    for names in (("heldout_policy_loss", "general_loss"), ("leakage",), ("general_probe_accuracy", "general_junk_margin"),
+                  ("heldout_junk_margin",)):
+        assert not may_back_off(failing(*names)), names
+    assert not may_back_off({"passed": True, "criteria": {}})

@@ -95,14 +95,21 @@ def test_world_model_is_scored_against_what_the_environment_answers_to_that_acti
     assert not alice.predicts(ep, right, "")
 
 
-def test_the_demos_probes_are_not_the_ones_the_gate_asks():
+def test_the_demos_probes_are_not_the_ones_the_gate_asks(tmp_path):
+    from importlib import resources
+
     from cogcore.demo.run import _probe_questions
-    from cogcore.lora.gate import fixed_probes
-    gate = {p.question for p in fixed_probes(40)}
-    demo = _probe_questions(40, 40)
-    assert len(demo) == 40 and len({p.question for p in demo}) == 40
-    assert not gate & {p.question for p in demo}
-    assert _probe_questions(0, 20) == []
+    from cogcore.eval.probes import load_probes
+    from cogcore.lora.gate import GateConfig, gate_probes
+    demo = _probe_questions(150, GateConfig())
+    assert [p.question for p in demo] == [p.question for p in load_probes()]  # the gate asks its own set
+    # a gate pointed at 40 of the eval's own probes: the demo asks the other 110
+    eval_file = tmp_path / "probes.json"
+    eval_file.write_text(resources.files("cogcore.eval").joinpath("data/real_world_probes.json").read_text())
+    gate = GateConfig(probe_file=str(eval_file), probes=40)
+    demo = _probe_questions(150, gate)
+    assert len(demo) == 110 and not {p.question for p in gate_probes(gate)} & {p.question for p in demo}
+    assert _probe_questions(0, gate) == []
 
 
 def test_targets_are_judged_on_the_run():
