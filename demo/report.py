@@ -77,8 +77,53 @@ def _phase_chart(path: Path, phases: dict) -> None:
     plt.close(fig)
 
 
+def _gate_chart(path: Path, sleep: dict) -> None:
+    """The gate's decisions: for each user, every adapter it gated (as trained, then each share of
+    the update it backed off to) on its two general-ability checks, against the core and the limit."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    checks = (("general_probe_accuracy", "real-world probes"), ("general_answer_accuracy", "general questions"))
+    trials = {}  # user -> [(scale, passed, criteria)]
+    for user, rep in sleep.items():
+        gate = rep.get("gate") or {}
+        if gate.get("criteria"):
+            trials[user] = [(t["scale"], False, t.get("criteria", {})) for t in gate.get("backoff", [])] + \
+                           [(gate.get("scale", 1.0), gate["passed"], gate["criteria"])]
+    fig, axes = plt.subplots(1, len(checks), figsize=(2 + 2.4 * max(1, len(trials)), 3.4), squeeze=False)
+    for ax, (name, label) in zip(axes[0], checks):
+        ax.set_ylim(0, 1.4 * max([1e-3] + [c.get(name, {}).get("reference", 0) for tried in trials.values()
+                                           for _, _, c in tried]))
+        x = 0.0
+        ticks = []
+        for user, tried in trials.items():
+            for k, (scale, passed, crit) in enumerate(tried):
+                c = crit.get(name, {})
+                if "value" not in c:
+                    continue
+                ax.bar(x + 0.35 * k, c["value"], 0.3, color="#4c9a5b" if c.get("passed", True) else "#c0504d",
+                       hatch="" if passed else "//", edgecolor="white")
+                ax.text(x + 0.35 * k, 0.02 * ax.get_ylim()[1], f"x{scale:g}", ha="center", va="bottom", fontsize=7,
+                        color="white")
+                ax.hlines(c["reference"], x + 0.35 * k - 0.15, x + 0.35 * k + 0.15, colors="black")
+                ax.hlines(c["limit"], x + 0.35 * k - 0.15, x + 0.35 * k + 0.15, colors="black", linestyles="dotted")
+            ticks.append((x + 0.35 * (len(tried) - 1) / 2, user))
+            x += 0.35 * len(tried) + 0.5
+        ax.set_xticks([t for t, _ in ticks], [u for _, u in ticks], fontsize=8)
+        ax.set_title(f"gate: {label}", fontsize=9)
+    fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#4c9a5b"), plt.Rectangle((0, 0), 1, 1, color="#c0504d"),
+                               plt.Rectangle((0, 0), 1, 1, facecolor="#999999", hatch="//", edgecolor="white"),
+                               plt.Line2D([], [], color="black"), plt.Line2D([], [], color="black", linestyle="dotted")],
+               labels=["check passed", "check failed", "adapter refused", "core", "limit"], fontsize=7,
+               loc="lower center", ncol=5)
+    fig.suptitle("the gate's decisions (xS: share of the update as trained)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, results: dict) -> Path:
-    """results.json, three PNG charts and report.html into ``out``; returns the HTML path."""
+    """results.json, five PNG charts and report.html into ``out``; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     users = results["users"]
@@ -87,6 +132,7 @@ def write_report(out: Path, results: dict) -> Path:
                "world model: predicts the environment's answer")
     _bar_chart(out / "general_probe.png", users, "probe_before", "probe_after", "general probe (real-world facts)")
     _phase_chart(out / "phases.png", results["phases_s"])
+    _gate_chart(out / "gate.png", results.get("sleep", {}))
     rows = []
     for uid, r in users.items():
         reasons = "; ".join(r.get("gate_reasons", [])) or "-"
@@ -110,6 +156,7 @@ Planted junk: {junk.get('planted', 0)} episodes, dropped by consolidation: {junk
 <table>{''.join(f"<tr><td>{html.escape(t['status'])}</td><td>{html.escape(t['target'])}</td><td>{html.escape(t['detail'])}</td></tr>" for t in results.get('targets', []))}</table>
 <h2>Before and after sleep</h2>
 <img src="success.png"> <img src="world_model.png"> <img src="general_probe.png">
+<h2>The gate's decisions</h2><img src="gate.png">
 <h2>Time</h2><img src="phases.png">
 <p>Machine: {html.escape(results.get('machine', ''))}. Raw numbers: <a href="results.json">results.json</a>.</p>
 """

@@ -340,7 +340,9 @@ def gate_and_publish(model, tokenizer, cfg: RefreshConfig, *, user: str, cset, a
     for smaller in cfg.gate.backoff_scales:
         if not may_back_off(report):
             break
-        tried.append({"scale": scale, "passed": False, "reasons": report["reasons"]})
+        tried.append({"scale": scale, "passed": False, "reasons": report["reasons"],
+                      "criteria": {k: {f: c[f] for f in ("passed", "value", "reference", "limit", "n") if f in c}
+                                   for k, c in report["criteria"].items()}})
         print(f"gate {user}: refused at scale {scale:g} ({'; '.join(report['reasons'])}); gating the adapter with "
               f"{smaller:g} of its update", flush=True)
         scale, publish_dir = smaller, scaled_adapter(adapter_dir, run_dir / f"adapter-scale{smaller:g}", smaller)

@@ -28,7 +28,7 @@ def test_quick_demo_learns_each_users_rule(cli, tmp_path):
     assert gain > 0 and max(r["success_after"] for r in users.values()) >= 0.5, users
     assert all(r["leakage"] <= 0.05 for r in users.values()), users
     assert results["junk"]["planted"] > 0 and results["junk"]["dropped"] >= results["junk"]["planted"]
-    for f in ("report.html", "success.png", "world_model.png", "phases.png"):
+    for f in ("report.html", "success.png", "world_model.png", "phases.png", "gate.png"):
         assert (out / f).is_file(), f
     assert "before sleep -> after sleep" in proc.stdout
     assert [t["status"] for t in results["targets"]][1] == "not measured"      # --quick asks no probes
