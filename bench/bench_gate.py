@@ -3,8 +3,9 @@ beside each base linear: three matmuls a layer) vs merged into the base weights 
 (``lora.gate.using(merged=True)``: copy the adapted weights, merge, generate, put them back).
 
 Same model, adapter, prompts and greedy settings for both arms; the gate's own three kinds of
-prompts: 11 held-out / leakage requests (40 new tokens), its 40 real-world probes (24) and its
-64 general questions (40). Arms alternate within each repeat (a drift of the host's speed falls on
+prompts: 11 held-out / leakage requests (40 new tokens), 40 of its real-world probes (24; the
+recorded results asked 40, when that was the gate's whole probe set) and its 64 general
+questions (40). Arms alternate within each repeat (a drift of the host's speed falls on
 both alike); the median per arm and the ratio are reported, with how many replies are identical.
 
     cogcore bench gate                                      # smollm2-135m, 3 repeats
@@ -29,7 +30,7 @@ def gate_prompts(tokenizer, n_requests: int) -> dict[str, tuple[list[list[int]],
     from cogcore.demo.users import load_users
     from cogcore.lora.gate import GateConfig, general_questions, probe_questions, prompt_ids
     from cogcore.memory.formats import policy_messages, render_prompt
-    cfg = GateConfig(max_new_tokens=40)
+    cfg = GateConfig(max_new_tokens=40, probes=40)
     requests = [e.request for u in load_users(None).users for e in u.episodes[-4:]][:n_requests]
     return {"held-out requests": ([prompt_ids(tokenizer, render_prompt(tokenizer, policy_messages(r)))
                                    for r in requests], cfg.max_new_tokens),
