@@ -90,6 +90,14 @@ def _gate_chart(path: Path, sleep: dict) -> None:
         if gate.get("criteria"):
             trials[user] = [(t["scale"], False, t.get("criteria", {})) for t in gate.get("backoff", [])] + \
                            [(gate.get("scale", 1.0), gate["passed"], gate["criteria"])]
+    if not trials:  # a rerun with nothing new to learn: the live adapters were gated in an earlier run
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no adapter was gated in this run (nothing new since the last sleep)", ha="center",
+                va="center", fontsize=9)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(checks), figsize=(2 + 2.4 * max(1, len(trials)), 3.4), squeeze=False)
     for ax, (name, label) in zip(axes[0], checks):
         ax.set_ylim(0, 1.4 * max([1e-3] + [c.get(name, {}).get("reference", 0) for tried in trials.values()

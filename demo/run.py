@@ -560,7 +560,8 @@ def _sleep(cfg: DemoConfig, user_ids: list[str], core_hash: str) -> dict:
         out[row.user] = {
             "consolidated": row.consolidated, "note": row.note, "trained": res is not None,
             "published": published, "adapter": adapter, "reasons": reasons,
-            "scale": (res.gate or {}).get("scale", 1.0) if res is not None else None,
+            # the share of its update the served (LIVE) adapter holds: the gate's back-off, also on a rerun
+            "scale": registry.get(row.user).lineage.get("scale", 1.0) if live else None,
             "gate": res.gate if res is not None else None,
             "junk_dropped": rep.get("junk", {}).get("dropped", 0),
             "duplicates": rep.get("duplicates", {}).get("exact", 0) + rep.get("duplicates", {}).get("near", 0),
