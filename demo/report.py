@@ -26,7 +26,8 @@ def print_table(results: dict) -> None:
               caption=f"per user: {results['heldout_per_user']} held-out episodes; general probe: "
                       f"{results['n_probes']} real-world questions the gate does not ask"
                       + ("; published xS: with S of its update as trained (the gate's back-off)"
-                         if any((r.get("gate_scale") or 1.0) != 1.0 for r in results["users"].values()) else ""))
+                         if any(r["gate_passed"] and (r.get("gate_scale") or 1.0) != 1.0
+                                for r in results["users"].values()) else ""))
     for col in ("user", "success", "world model", "general probe", "leakage", "gate", "adapter"):
         t.add_column(col)
     for uid, r in results["users"].items():
@@ -100,8 +101,8 @@ def _gate_chart(path: Path, sleep: dict) -> None:
         return
     fig, axes = plt.subplots(1, len(checks), figsize=(2 + 2.4 * max(1, len(trials)), 3.4), squeeze=False)
     for ax, (name, label) in zip(axes[0], checks):
-        ax.set_ylim(0, 1.4 * max([1e-3] + [c.get(name, {}).get("reference", 0) for tried in trials.values()
-                                           for _, _, c in tried]))
+        ax.set_ylim(0, 1.2 * max([1e-3] + [c.get(name, {}).get(f, 0) for tried in trials.values()
+                                           for _, _, c in tried for f in ("reference", "value")]))
         x = 0.0
         ticks = []
         for user, tried in trials.items():

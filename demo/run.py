@@ -324,6 +324,10 @@ def _run_loop(cfg: DemoConfig, server: DemoServer, log, users_file: UsersFile, t
 
     # 4. before sleep: held-out episodes, world model and general probe, all on the plain core
     probes = _probe_questions(cfg.probes, _sleep_config(cfg, [u.id for u in users]).refresh.gate)
+    if cfg.probes and not probes:
+        print("warning: the gate asks every one of the eval's probes, so the demo has none left for its own general "
+              "check (the target reads 'not measured'): point refresh.gate.probe_file elsewhere or ask fewer",
+              flush=True)
     with phases("before", "held-out episodes on the core (no adapters)"):
         before = _measure(server, users, split, cfg, lambda u: "core", policy_messages, world_messages)
         before["probe_hits"] = _probe_hits(model_dir, probes, cfg, {"core": None})

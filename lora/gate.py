@@ -93,8 +93,10 @@ class GateConfig:
         for name in ("policy_tolerance", "probe_tolerance", "leak_tolerance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"gate.{name} is a rate difference in [0, 1], got {getattr(self, name)}")
-        if not all(0 < x < 1 for x in self.backoff_scales):
-            raise ValueError(f"gate.backoff_scales are shares of the update in (0, 1), got {self.backoff_scales}")
+        if not all(0 < x < 1 for x in self.backoff_scales) or \
+                any(a <= b for a, b in zip(self.backoff_scales, self.backoff_scales[1:])):
+            raise ValueError("gate.backoff_scales are shares of the update in (0, 1), largest first (the first that "
+                             f"passes is published), got {self.backoff_scales}")
         if not 0 <= self.heldout_min_gain < 1 or self.general_loss_tolerance < 0 or self.junk_margin_tolerance < 0:
             raise ValueError("gate.heldout_min_gain must be in [0, 1); general_loss_tolerance, junk_margin_tolerance >= 0")
 
@@ -245,9 +247,10 @@ def fixed_probes(probes: list, n: int, exclude: frozenset[str] | set[str] = froz
     questions in ``exclude`` are skipped (a check that must stay apart from the gate's own)."""
     if n <= 0:
         return []
-    probes = [p for p in probes if p.question not in exclude]
-    step = max(1, len(probes) // n)
-    return probes[::step][:n]
+    exclude = {q.lower() for q in exclude}
+    probes = [p for p in probes if p.question.lower() not in exclude]
+    m = min(n, len(probes))
+    return [probes[i * len(probes) // m] for i in range(m)]
 
 
 def general_records(cfg: GateConfig) -> list[dict]:
@@ -478,8 +481,11 @@ def scaled_adapter(src: Path, dst: Path, scale: float) -> Path:
     server and PEFT load it like any adapter."""
     import shutil
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     weights = load_file(src / "adapter_model.safetensors")
+    with safe_open(src / "adapter_model.safetensors", framework="pt") as f:
+        metadata = f.metadata()  # PEFT's {"format": "pt"}, which some loaders check
     other = [k for k in weights if not any(t in k for t in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))]
     if other:
         raise ValueError(f"{src}: cannot scale an adapter with weights other than LoRA A/B ({other[0]}, ...); "
@@ -490,7 +496,7 @@ def scaled_adapter(src: Path, dst: Path, scale: float) -> Path:
             shutil.copy2(f, dst / f.name)
     is_b = lambda k: "lora_B" in k or "lora_embedding_B" in k  # noqa: E731
     save_file({k: (w * scale).to(w.dtype).contiguous() if is_b(k) else w for k, w in weights.items()},
-              dst / "adapter_model.safetensors")
+              dst / "adapter_model.safetensors", metadata=metadata)
     return dst
 
 

@@ -321,6 +321,7 @@ def gate_and_publish(model, tokenizer, cfg: RefreshConfig, *, user: str, cset, a
     the base), write gate.json into the run, publish when it passes. Rank 0 only. ``memo`` keeps
     the base's replies for the next user gated over the same base."""
     heldout = heldout_records(cset.heldout())
+    memo = {} if memo is None else memo  # the base's replies, reused by a back-off's gates
     live = _live_for_base(registry, user, base)
     reference = None
     if live is not None:
@@ -340,12 +341,17 @@ def gate_and_publish(model, tokenizer, cfg: RefreshConfig, *, user: str, cset, a
     for smaller in cfg.gate.backoff_scales:
         if not may_back_off(report):
             break
+        try:
+            scaled_dir = scaled_adapter(adapter_dir, run_dir / f"adapter-scale{smaller:g}", smaller)
+        except ValueError as e:  # weights other than LoRA A/B: refused as it is, with why
+            report["reasons"].append(f"no back-off: {e}")
+            break
         tried.append({"scale": scale, "passed": False, "reasons": report["reasons"],
                       "criteria": {k: {f: c[f] for f in ("passed", "value", "reference", "limit", "n") if f in c}
                                    for k, c in report["criteria"].items()}})
         print(f"gate {user}: refused at scale {scale:g} ({'; '.join(report['reasons'])}); gating the adapter with "
               f"{smaller:g} of its update", flush=True)
-        scale, publish_dir = smaller, scaled_adapter(adapter_dir, run_dir / f"adapter-scale{smaller:g}", smaller)
+        scale, publish_dir = smaller, scaled_dir
         name = f"{candidate}-scale-{smaller:g}".replace(".", "_")  # a PEFT adapter name has no dots
         model.load_adapter(str(publish_dir), adapter_name=name)
         report = gate(model, tokenizer, candidate=name, **gate_args)
@@ -385,7 +391,7 @@ def summarize(result: RefreshResult, report: dict | None) -> None:
         rows[f"why ({i + 1})"] = r
     for tried in (report or {}).get("backoff", []):
         rows[f"refused at scale {tried['scale']:g}"] = "; ".join(tried["reasons"])
-    if report is not None and report.get("scale", 1.0) != 1.0:
+    if report is not None and report.get("passed") and report.get("scale", 1.0) != 1.0:
         rows["published scale"] = f"{report['scale']:g} of the update as trained (gate.backoff_scales)"
     print_summary(f"refresh {result.user}", rows)
 

@@ -35,6 +35,7 @@ def test_gate_publishes_clean_blocks_junk_and_the_dose_shows(general_base, fresh
 
     assert not junk.passed and junk.published is None and reg.live_version("junk") is None
     assert any(r.startswith("general_junk_margin fell") for r in junk.reasons), junk.reasons
+    assert junk.gate["backoff"] == [] and junk.gate["scale"] == 1.0  # junk is no matter of dose: no back-off
     assert (fresh_home / "runs" / "refresh-junk-set1" / "gate.json").is_file()  # the refusal is recorded
     assert margins["clean"] > margins["half"] > margins["junk"]  # dose-response: more junk, more rot
     for r in results.values():  # every criterion reports its numbers and n
@@ -79,8 +80,9 @@ def test_gate_config_is_validated():
         load_config(RefreshConfig, None, ["gate.policy_tolerance=2"])
     with pytest.raises(ConfigError, match="unknown config key 'gate.probe'"):
         load_config(RefreshConfig, None, ["gate.probe=3"])
-    with pytest.raises(ConfigError, match="gate.backoff_scales"):
-        load_config(RefreshConfig, None, ["gate.backoff_scales=[0.5,1.0]"])
+    for scales in ("[0.5,1.0]", "[0.5,0.75]", "[0.5,0.5]"):  # shares below 1, largest first
+        with pytest.raises(ConfigError, match="gate.backoff_scales"):
+            load_config(RefreshConfig, None, [f"gate.backoff_scales={scales}"])
     assert GateConfig().backoff_scales == [0.75, 0.5]
 
 
@@ -101,7 +103,9 @@ def test_the_gates_probes_are_its_own_well_formed_and_never_trained_on():
     asked = {p.question.lower() for p in probes}
     assert not asked & {p.question.lower() for p in load_probes()}
     assert not asked & {q.lower() for q, _ in _KNOWLEDGE}
-    assert len(gate_probes(GateConfig(probes=40))) == 40 and gate_probes(GateConfig(probes=0)) == []
+    some = gate_probes(GateConfig(probes=40))  # a subset spread over the file reaches every category
+    assert len(some) == 40 and {p.category for p in some} == {p.category for p in probes}
+    assert len(gate_probes(GateConfig(probes=200))) == 200 and gate_probes(GateConfig(probes=0)) == []
 
 
 def test_a_scaled_adapter_moves_that_share_of_the_way_from_the_base(tmp_path):
@@ -120,6 +124,10 @@ def test_a_scaled_adapter_moves_that_share_of_the_way_from_the_base(tmp_path):
     model.save_pretrained(tmp_path / "full")
     half = scaled_adapter(tmp_path / "full", tmp_path / "half", 0.5)
     assert (half / "adapter_config.json").read_text() == (tmp_path / "full" / "adapter_config.json").read_text()
+    from safetensors import safe_open
+    with safe_open(tmp_path / "full" / "adapter_model.safetensors", "pt") as a, \
+            safe_open(half / "adapter_model.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata() == {"format": "pt"}
 
     def deltas(adapter_dir):
         peft = PeftModel.from_pretrained(load_model("tiny-llama"), str(adapter_dir))
