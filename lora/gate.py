@@ -93,6 +93,8 @@ class GateConfig:
         for name in ("policy_tolerance", "probe_tolerance", "leak_tolerance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"gate.{name} is a rate difference in [0, 1], got {getattr(self, name)}")
+        if self.probe_file and not Path(self.probe_file).expanduser().is_file():  # say so before training, not after
+            raise ValueError(f"gate.probe_file {self.probe_file} does not exist (empty = the built-in gate probes)")
         if not all(0 < x < 1 for x in self.backoff_scales) or \
                 any(a <= b for a, b in zip(self.backoff_scales, self.backoff_scales[1:])):
             raise ValueError("gate.backoff_scales are shares of the update in (0, 1), largest first (the first that "
@@ -239,7 +241,7 @@ GATE_PROBES = Path(__file__).parent / "data" / "gate_probes.json"
 def gate_probes(cfg: GateConfig) -> list:
     """The real-world probes the gate asks: ``cfg.probes`` of ``cfg.probe_file`` (or the built-in set)."""
     from cogcore.eval.probes import load_probes
-    return fixed_probes(load_probes(cfg.probe_file or GATE_PROBES), cfg.probes) if cfg.probes > 0 else []
+    return fixed_probes(load_probes(Path(cfg.probe_file).expanduser() if cfg.probe_file else GATE_PROBES), cfg.probes) if cfg.probes > 0 else []
 
 
 def fixed_probes(probes: list, n: int, exclude: frozenset[str] | set[str] = frozenset()) -> list:

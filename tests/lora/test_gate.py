@@ -83,6 +83,8 @@ def test_gate_config_is_validated():
     for scales in ("[0.5,1.0]", "[0.5,0.75]", "[0.5,0.5]"):  # shares below 1, largest first
         with pytest.raises(ConfigError, match="gate.backoff_scales"):
             load_config(RefreshConfig, None, [f"gate.backoff_scales={scales}"])
+    with pytest.raises(ConfigError, match="gate.probe_file .*nope.json does not exist"):
+        load_config(RefreshConfig, None, ["gate.probe_file=/no/such/dir/nope.json"])
     assert GateConfig().backoff_scales == [0.75, 0.5]
 
 
