@@ -26,8 +26,7 @@ def print_table(results: dict) -> None:
               caption=f"per user: {results['heldout_per_user']} held-out episodes; general probe: "
                       f"{results['n_probes']} real-world questions the gate does not ask"
                       + ("; published xS: with S of its update as trained (the gate's back-off)"
-                         if any(r["gate_passed"] and (r.get("gate_scale") or 1.0) != 1.0
-                                for r in results["users"].values()) else ""))
+                         if any(_gate_word(r).startswith("published x") for r in results["users"].values()) else ""))
     for col in ("user", "success", "world model", "general probe", "leakage", "gate", "adapter"):
         t.add_column(col)
     for uid, r in results["users"].items():

@@ -241,7 +241,9 @@ GATE_PROBES = Path(__file__).parent / "data" / "gate_probes.json"
 def gate_probes(cfg: GateConfig) -> list:
     """The real-world probes the gate asks: ``cfg.probes`` of ``cfg.probe_file`` (or the built-in set)."""
     from cogcore.eval.probes import load_probes
-    return fixed_probes(load_probes(Path(cfg.probe_file).expanduser() if cfg.probe_file else GATE_PROBES), cfg.probes) if cfg.probes > 0 else []
+    if cfg.probes <= 0:
+        return []
+    return fixed_probes(load_probes(Path(cfg.probe_file).expanduser() if cfg.probe_file else GATE_PROBES), cfg.probes)
 
 
 def fixed_probes(probes: list, n: int, exclude: frozenset[str] | set[str] = frozenset()) -> list:
@@ -485,8 +487,10 @@ def scaled_adapter(src: Path, dst: Path, scale: float) -> Path:
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    weights = load_file(src / "adapter_model.safetensors")
-    with safe_open(src / "adapter_model.safetensors", framework="pt") as f:
+
+    from cogcore.lora.registry import WEIGHTS
+    weights = load_file(src / WEIGHTS)
+    with safe_open(src / WEIGHTS, framework="pt") as f:
         metadata = f.metadata()  # PEFT's {"format": "pt"}, which some loaders check
     other = [k for k in weights if not any(t in k for t in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))]
     if other:
@@ -494,11 +498,11 @@ def scaled_adapter(src: Path, dst: Path, scale: float) -> Path:
                          "set gate.backoff_scales=[] for it")
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and f.name != "adapter_model.safetensors":
+        if f.is_file() and f.name != WEIGHTS:
             shutil.copy2(f, dst / f.name)
     is_b = lambda k: "lora_B" in k or "lora_embedding_B" in k  # noqa: E731
     save_file({k: (w * scale).to(w.dtype).contiguous() if is_b(k) else w for k, w in weights.items()},
-              dst / "adapter_model.safetensors", metadata=metadata)
+              dst / WEIGHTS, metadata=metadata)
     return dst
 
 
